@@ -1,0 +1,16 @@
+"""rankshrink: post-hoc compression of trained PyTorch models with RaRe and live fusion.
+
+The package is layered, each layer importing only from the ones above it in this list:
+
+- math: :mod:`~rankshrink.indexmap`, :mod:`~rankshrink.rare`, :mod:`~rankshrink.fusion`,
+  :mod:`~rankshrink.factorized`, :mod:`~rankshrink.indexed`
+- model surgery and training: :mod:`~rankshrink.arch`, :mod:`~rankshrink.chain`,
+  :mod:`~rankshrink.surgery`, :mod:`~rankshrink.train`, :mod:`~rankshrink.checkpoint`,
+  :mod:`~rankshrink.data`
+- folding: :mod:`~rankshrink.fold`
+- the ONNX boundary: :mod:`~rankshrink.onnx_export`, :mod:`~rankshrink.verify`
+- orchestration and presentation: :mod:`~rankshrink.pipeline`, :mod:`~rankshrink.outputs`,
+  :mod:`~rankshrink.render`, :mod:`~rankshrink.cli`
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""Self-describing architecture specs for sequential models.
+
+A checkpoint written by rankshrink (and the bundled sample models) stores ``{"arch": spec,
+"state_dict": ...}`` where ``spec = {"type": "sequential", "layers": [...]}`` lists one dict per
+module. The spec holds only str/int/float/bool/list/dict values so that the checkpoint loads with
+``torch.load(weights_only=True)``; the weights live in the state_dict of the ``nn.Sequential`` that
+:func:`build_sequential` returns (keys ``"0.weight"``, ``"0.bias"``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from rankshrink.errors import InputError
+from rankshrink.indexed import IndexedLinear
+
+CHECKPOINT_FORMAT = "rankshrink.checkpoint/1"
+
+# kind -> (constructor from spec, spec from module). Only modules with no hidden state beyond
+# their parameters/buffers are listed, so spec + state_dict describe the model completely.
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "identity": nn.Identity,
+}
+
+
+def layer_spec(module: nn.Module) -> dict[str, Any]:
+    """Describe one module of a sequential model as a plain dict.
+
+    Raises:
+        InputError: the module type has no spec (rankshrink cannot rebuild it).
+    """
+    if isinstance(module, IndexedLinear):
+        return module.spec()
+    if isinstance(module, nn.Linear):
+        return {
+            "kind": "linear",
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
+    if isinstance(module, nn.LeakyReLU):
+        return {"kind": "leaky_relu", "negative_slope": float(module.negative_slope)}
+    if isinstance(module, nn.GELU):
+        return {"kind": "gelu", "approximate": module.approximate}
+    for kind, cls in _ACTIVATIONS.items():
+        if type(module) is cls:
+            return {"kind": kind}
+    if isinstance(module, nn.Dropout):
+        return {"kind": "dropout", "p": float(module.p)}
+    if isinstance(module, nn.BatchNorm1d):
+        return {
+            "kind": "batchnorm1d",
+            "num_features": module.num_features,
+            "eps": float(module.eps),
+            "affine": module.affine,
+        }
+    if isinstance(module, nn.Flatten):
+        return {"kind": "flatten", "start_dim": module.start_dim, "end_dim": module.end_dim}
+    raise InputError(f"cannot describe module {type(module).__name__} in a sequential spec")
+
+
+def build_layer(spec: dict[str, Any]) -> nn.Module:
+    """Build one module from its spec (the inverse of :func:`layer_spec`)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str):
+        raise InputError(f"architecture layer spec must be a dict with a 'kind', got {spec!r:.80}")
+    kind = spec["kind"]
+    try:
+        if kind == "linear":
+            return nn.Linear(
+                _pos_int(spec, "in_features"),
+                _pos_int(spec, "out_features"),
+                bias=bool(spec.get("bias", True)),
+            )
+        if kind == "indexed_linear":
+            return IndexedLinear.from_spec(spec)
+        if kind == "leaky_relu":
+            return nn.LeakyReLU(float(spec.get("negative_slope", 0.01)))
+        if kind == "gelu":
+            return nn.GELU(approximate=str(spec.get("approximate", "none")))
+        if kind in _ACTIVATIONS:
+            return _ACTIVATIONS[kind]()
+        if kind == "dropout":
+            p = float(spec.get("p", 0.5))
+            if not 0.0 <= p < 1.0:
+                raise InputError(f"dropout p must be in [0, 1), got {p}")
+            return nn.Dropout(p)
+        if kind == "batchnorm1d":
+            return nn.BatchNorm1d(
+                _pos_int(spec, "num_features"),
+                eps=float(spec.get("eps", 1e-5)),
+                affine=bool(spec.get("affine", True)),
+            )
+        if kind == "flatten":
+            return nn.Flatten(int(spec.get("start_dim", 1)), int(spec.get("end_dim", -1)))
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"bad architecture spec for layer kind {kind!r}: {exc}") from None
+    raise InputError(f"unknown layer kind {kind!r} in architecture spec")
+
+
+def _pos_int(spec: dict[str, Any], key: str) -> int:
+    value = spec.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"architecture spec: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_sequential(arch: dict[str, Any]) -> nn.Sequential:
+    """Build the ``nn.Sequential`` an architecture spec describes (weights uninitialised)."""
+    if not isinstance(arch, dict) or arch.get("type") != "sequential":
+        kind = arch.get("type") if isinstance(arch, dict) else type(arch).__name__
+        raise InputError(f"unsupported architecture type {kind!r} (expected 'sequential')")
+    layers = arch.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise InputError("architecture spec has no 'layers' list")
+    return nn.Sequential(*(build_layer(spec) for spec in layers))
+
+
+def sequential_spec(model: nn.Sequential) -> dict[str, Any]:
+    """The architecture spec of a flat ``nn.Sequential`` (the inverse of :func:`build_sequential`)."""
+    return {"type": "sequential", "layers": [layer_spec(m) for m in model]}
+
+
+def make_checkpoint(model: nn.Sequential, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A self-describing checkpoint dict, loadable with ``torch.load(weights_only=True)``."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "arch": sequential_spec(model),
+        "state_dict": {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters plus floating-point buffers that an export must store (BatchNorm stats, scales)."""
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(b.numel() for b in model.buffers() if b.dtype.is_floating_point)
+    return total

@@ -1,0 +1,187 @@
+"""Loading models safely (SPEC §6) and saving compressed ones.
+
+Three input forms, tried in this order and never silently downgraded to an unsafe one:
+
+1. a self-describing checkpoint ``{"format", "arch", "state_dict"}`` (what rankshrink writes and the
+   sample models use), loaded with ``torch.load(weights_only=True)``;
+2. a plain state_dict plus ``--arch module:factory`` (the factory builds the module; that is code
+   the user chose to run);
+3. a pickled full ``nn.Module`` — only with ``trust_pickle=True``, because unpickling runs code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankshrink.arch import CHECKPOINT_FORMAT, build_sequential, make_checkpoint
+from rankshrink.errors import InputError, UnsafeCheckpointError
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for compression, in eval mode, and where it came from."""
+
+    model: nn.Module
+    path: Path
+    source: str  # "checkpoint", "state_dict+arch" or "pickle"
+    sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(
+    path: str | Path, arch: str | None = None, trust_pickle: bool = False
+) -> LoadedModel:
+    """Load a model checkpoint without executing code from the file.
+
+    Args:
+        path: the checkpoint file.
+        arch: ``"module:factory"`` that builds the module a plain state_dict belongs to.
+        trust_pickle: allow unpickling a full ``nn.Module`` (runs code from the file).
+
+    Raises:
+        InputError: the file is missing, unreadable, not a checkpoint, or does not match.
+        UnsafeCheckpointError: loading would run code and ``trust_pickle`` is off.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model file not found: {path}")
+    if path.is_dir():
+        raise InputError(
+            f"{path} is a directory; pass a checkpoint file (.pt) — Hugging Face folders are not"
+            " supported yet"
+        )
+    if path.stat().st_size == 0:
+        raise InputError(f"model file is empty: {path}")
+    _refuse_torchscript(path)
+    obj = _torch_load(path, trust_pickle)
+    digest = sha256_file(path)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(_checked(obj.float().eval(), path), path, "pickle", digest)
+    if not isinstance(obj, dict):
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
+    if obj.get("format") == CHECKPOINT_FORMAT:
+        if arch is not None:
+            raise InputError(f"{path} describes its own architecture; drop --arch")
+        model = build_sequential(obj.get("arch"))  # type: ignore[arg-type]
+        _load_state(model, obj.get("state_dict"), path)
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        return LoadedModel(_checked(model.eval(), path), path, "checkpoint", digest, meta)
+    if "format" in obj:
+        raise InputError(f"{path}: unknown checkpoint format {obj['format']!r}")
+    state = obj.get("state_dict", obj)
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path} is a dict but neither a rankshrink checkpoint nor a state_dict")
+    if arch is None:
+        raise InputError(
+            f"{path} is a bare state_dict with no architecture; pass --arch module:factory"
+        )
+    model = _build_from_factory(arch)
+    _load_state(model, state, path)
+    return LoadedModel(_checked(model.float().eval(), path), path, "state_dict+arch", digest)
+
+
+def _refuse_torchscript(path: Path) -> None:
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        raise InputError(
+            f"{path} is a TorchScript archive; rankshrink needs a state_dict or checkpoint"
+            " (save with torch.save(model.state_dict(), ...))"
+        )
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc).lower() and "unsupported global" not in str(exc).lower():
+            raise InputError(f"{path} is not a readable checkpoint ({_first_line(exc)})") from None
+        if not trust_pickle:
+            names = _unsafe_globals(path)
+            listed = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            raise UnsafeCheckpointError(
+                f"{path} is a pickled object that would import {listed or 'code'} when loaded;"
+                " refusing (pass --trust-pickle only if you trust the file's author)"
+            ) from None
+    except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... for bad bytes
+        raise InputError(
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})"
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(f"{path} could not be unpickled ({_first_line(exc)})") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:
+        return []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
+
+
+def _build_from_factory(arch: str) -> nn.Module:
+    module_name, _, factory_name = arch.partition(":")
+    if not module_name or not factory_name:
+        raise InputError(f"--arch must look like module:factory, got {arch!r}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # let --arch name a module in the current directory
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"--arch {arch}: cannot import ({_first_line(exc)})") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_state(model: nn.Module, state: Any, path: Path) -> None:
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: state_dict missing or not a dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:240]
+        raise InputError(f"{path}: weights do not match the architecture ({detail})") from None
+
+
+def _checked(model: nn.Module, path: Path) -> nn.Module:
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise InputError(f"{path}: tensor {name} holds NaN or Inf values")
+    return model
+
+
+def save_checkpoint(model: nn.Sequential, meta: dict[str, Any]) -> dict[str, Any]:
+    """The self-describing checkpoint dict of a (compressed) sequential model."""
+    return make_checkpoint(model, meta)

@@ -1,0 +1,418 @@
+"""The ``rankshrink`` command line: ``compress``, ``verify``, ``inspect``.
+
+Each command is thin: it checks its flags, calls the library, renders with rich, and turns the
+project's error types into one red line and an exit code (2 bad input, 3 gate failed, 130/143
+interrupted). Nothing is written unless the run succeeded and every gate passed (the report is
+written either way when asked for, so a CI job can read why a gate failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+
+from rankshrink import __version__
+from rankshrink.errors import GateError, InputError, RankshrinkError
+from rankshrink.onnx_export import ExportConfig
+from rankshrink.outputs import check_outputs, write_all
+from rankshrink.train import StepStats, TrainConfig
+from rankshrink.verify import Tolerances
+
+app = typer.Typer(
+    name="rankshrink",
+    help="Compress a trained PyTorch model into a smaller, verified ONNX file (RaRe + live fusion).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Method(str, Enum):
+    rare = "rare"
+
+
+class AxisPolicy(str, Enum):
+    fold = "fold"
+    longer = "longer"
+
+
+class Exporter(str, Enum):
+    dynamo = "dynamo"
+    torchscript = "torchscript"
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+@contextlib.contextmanager
+def _errors(console: Console) -> Iterator[None]:
+    """Map the project's errors and interrupts to one line and an exit code."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except RankshrinkError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]: stopped cleanly, nothing was written")
+        raise typer.Exit(130) from None
+    except _Terminated:
+        console.print("[red]terminated[/red]: stopped cleanly, nothing was written")
+        raise typer.Exit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+@app.command()
+def compress(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint: self-describing .pt, state_dict (+ --arch), or pickle (+ --trust-pickle)."
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Data file (.npz/.pt/.safetensors) with inputs x, optional labels y and split."
+        ),
+    ] = "",
+    out: Annotated[
+        str | None, typer.Option(help="Compressed ONNX path [default: ./<model>.rankshrink.onnx].")
+    ] = None,
+    report: Annotated[
+        str | None, typer.Option(help="JSON report path [default: <out without .onnx>.json].")
+    ] = None,
+    save_pt: Annotated[
+        str | None,
+        typer.Option("--save-pt", help="Also write the compressed model as a loadable checkpoint."),
+    ] = None,
+    method: Annotated[Method, typer.Option(help="Compression method.")] = Method.rare,
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lambda_rank: Annotated[
+        float, typer.Option(help="λ1, weight of the RaRe loss (0 turns it off).")
+    ] = 20.0,
+    lambda_l2: Annotated[float, typer.Option(help="λ2, weight of the L2 loss.")] = 0.1,
+    tau_cos: Annotated[float, typer.Option(help="Fusion threshold on 1 − |cos|.")] = 1e-4,
+    tau_euc: Annotated[float, typer.Option(help="Fusion threshold on the Euclidean gap.")] = 0.1,
+    target_ratio: Annotated[
+        float,
+        typer.Option(
+            help="Export size to aim for, relative to the original; the fusion thresholds relax until the run is on track."
+        ),
+    ] = 0.6,
+    no_target: Annotated[
+        bool,
+        typer.Option(
+            "--no-target",
+            help="Keep τ fixed (the paper's behaviour; shrinks far less in a post-hoc run).",
+        ),
+    ] = False,
+    no_fusion: Annotated[
+        bool,
+        typer.Option("--no-fusion", help="Never fuse (with --lambda-rank 0: plain fine-tuning)."),
+    ] = False,
+    no_frobenius: Annotated[
+        bool, typer.Option("--no-frobenius", help="Turn off Frobenius normalization.")
+    ] = False,
+    axis_policy: Annotated[
+        AxisPolicy,
+        typer.Option(
+            help="fold: fuse only axes that shrink the export; longer: the paper's longer-axis rule."
+        ),
+    ] = AxisPolicy.fold,
+    distill: Annotated[
+        bool,
+        typer.Option(
+            "--distill", help="Add distillation from the original model to the label loss."
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Random seed (batches, dropout, split).")] = 0,
+    max_bytes: Annotated[
+        int | None, typer.Option(help="Gate: fail (exit 3) if the compressed ONNX is larger.")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="Gate: fail (exit 3) if test accuracy drops more points.")
+    ] = None,
+    min_agreement: Annotated[
+        float | None,
+        typer.Option(
+            help="Gate: fail (exit 3) if top-1 agreement with the original is lower (0–1)."
+        ),
+    ] = None,
+    export_atol: Annotated[
+        float,
+        typer.Option(help="Max abs diff allowed between the compressed torch model and its ONNX."),
+    ] = 1e-4,
+    exporter: Annotated[Exporter, typer.Option(help="ONNX exporter.")] = Exporter.dynamo,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    arch: Annotated[
+        str | None, typer.Option(help="module:factory building the model for a bare state_dict.")
+    ] = None,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle", help="Allow unpickling a full nn.Module (runs code from the file)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing output files.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar or tables; errors only.")
+    ] = False,
+) -> None:
+    """Fine-tune with RaRe + live fusion, fold, export a smaller ONNX and verify it."""
+    from rankshrink.pipeline import CompressConfig
+    from rankshrink.pipeline import compress as run_compress
+
+    console = Console(quiet=quiet, highlight=False)
+    err = _err_console()
+    with _errors(err):
+        _require(
+            bool(data),
+            "compress needs --data FILE (inputs x, optional labels y) to fine-tune and verify",
+        )
+        _require(steps > 0, f"--steps must be positive, got {steps}")
+        _require(batch_size > 0, f"--batch-size must be positive, got {batch_size}")
+        _require(lr > 0, f"--lr must be positive, got {lr}")
+        _require(lambda_rank >= 0 and lambda_l2 >= 0, "--lambda-rank and --lambda-l2 must be ≥ 0")
+        _require(0 < tau_cos <= 1, f"--tau-cos must be in (0, 1], got {tau_cos}")
+        _require(tau_euc > 0, f"--tau-euc must be positive, got {tau_euc}")
+        _require(0 < target_ratio < 1, f"--target-ratio must be in (0, 1), got {target_ratio}")
+        _require(export_atol > 0, f"--export-atol must be positive, got {export_atol}")
+        _require(
+            min_agreement is None or 0 <= min_agreement <= 1, "--min-agreement must be in [0, 1]"
+        )
+        _require(max_bytes is None or max_bytes > 0, "--max-bytes must be positive")
+        _require(7 <= opset <= 23, f"--opset must be between 7 and 23, got {opset}")
+        model_path, data_path = Path(model), Path(data)
+        out_path = Path(out) if out else Path.cwd() / f"{model_path.stem}.rankshrink.onnx"
+        _require(out_path.suffix == ".onnx", f"--out must end in .onnx, got {out_path}")
+        report_path = Path(report) if report else out_path.with_suffix(".json")
+        outputs = [out_path, report_path] + ([Path(save_pt)] if save_pt else [])
+        check_outputs(outputs, [model_path, data_path], overwrite)
+
+        cfg = CompressConfig(
+            model=model_path,
+            data=data_path,
+            arch=arch,
+            trust_pickle=trust_pickle,
+            train=TrainConfig(
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                lambda_rank=lambda_rank,
+                lambda_l2=lambda_l2,
+                tau_cos=tau_cos,
+                tau_euc=tau_euc,
+                fusion=not no_fusion,
+                distill=distill,
+                target_ratio=None if no_target or no_fusion else target_ratio,
+                seed=seed,
+            ),
+            frobenius=not no_frobenius,
+            axis_policy=axis_policy.value,
+            export=ExportConfig(exporter=exporter.value, opset=opset),
+            tolerances=Tolerances(export_atol, max_accuracy_drop, min_agreement),
+            max_bytes=max_bytes,
+        )
+        result = _run_with_progress(
+            console, quiet, lambda progress, stage: run_compress(cfg, progress, stage), steps
+        )
+        rep = result.report
+        files = {report_path: (json.dumps(rep, indent=2) + "\n").encode()}
+        if not result.gate_failures:
+            files[out_path] = result.onnx
+            if save_pt:
+                buf = io.BytesIO()
+                torch.save(result.checkpoint, buf)
+                files[Path(save_pt)] = buf.getvalue()
+        write_all(files)
+        _print_result(console, rep)
+        if result.gate_failures:
+            raise GateError(
+                "; ".join(result.gate_failures)
+                + f" — nothing but the report ({report_path}) was written"
+            )
+        console.print(
+            f"wrote {out_path} ({rep['onnx_bytes_after']:,} bytes) and {report_path}"
+            + (f" and {save_pt}" if save_pt else "")
+        )
+
+
+def _run_with_progress(console: Console, quiet: bool, fn: Callable[..., Any], steps: int) -> Any:
+    if quiet or (not console.is_terminal and not console.file.isatty()):
+        last = [0]
+
+        def plain(stats: StepStats) -> None:  # one line every 10% when not on a terminal
+            if (not quiet and stats.step >= last[0] + max(1, steps // 10)) or stats.step == steps:
+                last[0] = stats.step
+                console.print(
+                    f"step {stats.step}/{stats.steps}  loss {stats.loss:.4f}  size {stats.size_ratio:.1%}"
+                    f"  fusions {stats.fusions}"
+                )
+
+        return fn(plain, lambda msg: console.print(f"[dim]{msg}…[/dim]"))
+    from rankshrink.render import progress_fields, training_progress
+
+    with training_progress(console) as bar:
+        task = bar.add_task("fine-tuning", total=steps, loss=0.0, size=1.0, params=0, fusions=0)
+
+        def update(stats: StepStats) -> None:
+            bar.update(task, completed=stats.step, **progress_fields(stats))
+
+        return fn(update, lambda msg: console.print(f"[dim]{msg}…[/dim]"))
+
+
+def _print_result(console: Console, rep: dict[str, Any]) -> None:
+    from rankshrink.render import layer_table, summary_table, verification_lines
+
+    console.print(layer_table(rep))
+    console.print(summary_table(rep))
+    for line in verification_lines(rep):
+        console.print(line)
+    status = "[green]passed[/green]" if rep["gates"]["passed"] else "[red]FAILED[/red]"
+    console.print(f"verification {status}")
+
+
+@app.command()
+def verify(
+    model: Annotated[str, typer.Argument(help="The original checkpoint.")],
+    onnx_file: Annotated[
+        str, typer.Argument(metavar="OUT.onnx", help="An exported (compressed) ONNX file.")
+    ],
+    data: Annotated[str, typer.Option(help="Data file; its held-out split is used.")] = "",
+    arch: Annotated[str | None, typer.Option(help="module:factory for a bare state_dict.")] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow unpickling a full nn.Module.")
+    ] = False,
+    max_accuracy_drop: Annotated[
+        float | None, typer.Option(help="Gate: exit 3 if accuracy drops more points.")
+    ] = None,
+    min_agreement: Annotated[
+        float | None, typer.Option(help="Gate: exit 3 if top-1 agreement is lower (0–1).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the split when the data file records none.")
+    ] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Re-check an exported ONNX file against its original model on held-out data."""
+    from rankshrink.pipeline import load_inputs
+    from rankshrink.verify import verify_export
+
+    console, err = Console(highlight=False), _err_console()
+    with _errors(err):
+        _require(bool(data), "verify needs --data FILE to compare outputs")
+        onnx_path = Path(onnx_file)
+        _require(onnx_path.is_file(), f"ONNX file not found: {onnx_path}")
+        loaded, ds, classifier = load_inputs(Path(model), Path(data), arch, trust_pickle, seed)
+        result = verify_export(
+            loaded.model,
+            None,
+            onnx_path,
+            ds.x_test,
+            ds.y_test,
+            Tolerances(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement),
+            classifier,
+        )
+        payload = {
+            "passed": result.passed,
+            "max_abs_diff": result.max_abs_diff,
+            "agreement": result.agreement,
+            "accuracy_before": result.accuracy_before,
+            "accuracy_after": result.accuracy_after,
+            "samples": result.samples,
+            "failures": result.failures,
+        }
+        if json_out:
+            console.print_json(json.dumps(payload))
+        else:
+            for key, value in payload.items():
+                if key != "failures":
+                    console.print(f"{key}: {value}")
+        if not result.passed:
+            raise GateError("; ".join(result.failures))
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="A checkpoint.")],
+    arch: Annotated[str | None, typer.Option(help="module:factory for a bare state_dict.")] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow unpickling a full nn.Module.")
+    ] = False,
+    tau_cos: Annotated[
+        float, typer.Option(help="Threshold for counting near-parallel pairs.")
+    ] = 1e-4,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """List the layers, their shapes and a data-free redundancy estimate; no training."""
+    from rankshrink.checkpoint import load_model
+    from rankshrink.redundancy import inspect_model
+    from rankshrink.render import inspect_table
+
+    console, err = Console(highlight=False), _err_console()
+    with _errors(err):
+        loaded = load_model(Path(model), arch=arch, trust_pickle=trust_pickle)
+        rows = inspect_model(loaded.model, tau_cos=tau_cos)
+        if json_out:
+            console.print_json(
+                json.dumps({"model": model, "sha256": loaded.sha256, "layers": rows})
+            )
+        else:
+            console.print(f"{model}  ({loaded.source}, sha256 {loaded.sha256[:12]})")
+            console.print(inspect_table(rows))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"rankshrink {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """rankshrink: make a trained model physically smaller, with proof that it still behaves."""
+
+
+def run() -> None:  # console-script entry point
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

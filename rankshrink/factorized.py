@@ -1,0 +1,88 @@
+"""``FactorizedLinear``: ``y = P · (W' · (Q · x) + b')`` with Frobenius normalization (SPEC §1–2).
+
+Only ``V`` (W' before normalization), ``bias`` (b') and the gain ``g`` are trainable. With Frobenius
+normalization the effective weight is ``W' = k · V / ‖V‖_F · g`` where ``k`` is the initial norm, so
+L2 on ``V`` no longer shrinks the function. ``P`` and ``Q`` are :class:`IndexMap` s; they change only
+through :func:`rankshrink.fusion.fuse_`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from rankshrink.indexmap import IndexMap
+
+
+class FactorizedLinear(nn.Module):
+    """A drop-in replacement for ``nn.Linear`` holding the factorized form of SPEC §1."""
+
+    def __init__(self, linear: nn.Linear, frobenius: bool = True) -> None:
+        super().__init__()
+        weight = linear.weight.detach().clone().float()  # (m, n)
+        self.out_features, self.in_features = weight.shape
+        self.V = nn.Parameter(weight)
+        self.bias = (
+            None if linear.bias is None else nn.Parameter(linear.bias.detach().clone().float())
+        )
+        self.frobenius = frobenius
+        norm = float(weight.norm())
+        self.register_buffer("k", torch.tensor(norm if norm > 0 else 1.0))
+        self.gain = nn.Parameter(torch.tensor(1.0)) if frobenius else None
+        self.P = IndexMap.identity(self.out_features)  # rows: (m,) -> m'
+        self.Q = IndexMap.identity(self.in_features)  # cols: (n,) -> n'
+        self._p_identity = True
+        self._q_identity = True
+
+    # -- the function --------------------------------------------------------------------------
+
+    def scale_factor(self) -> Tensor:
+        """``c`` with ``W' = c · V`` (1 without Frobenius normalization)."""
+        if self.gain is None:
+            return torch.ones((), dtype=self.V.dtype)
+        return self.k * self.gain / self.V.norm()
+
+    def weight(self) -> Tensor:
+        """The effective core ``W'`` (m' × n')."""
+        return self.V * self.scale_factor() if self.gain is not None else self.V
+
+    def bias_or_zeros(self) -> Tensor:
+        return self.bias if self.bias is not None else self.V.new_zeros(self.V.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Materialize P·W'·Q as an (m, n) weight once per call instead of gathering activations:
+        # the index ops then cost O(m·n), independent of the batch, and the matmul is the original's.
+        W, b = self.weight(), self.bias
+        if not self._p_identity:
+            W = W[self.P.index] * self.P.scale[:, None]
+            b = None if b is None else b[self.P.index] * self.P.scale
+        if not self._q_identity:
+            W = W[:, self.Q.index] * self.Q.scale
+        return F.linear(x, W, b)
+
+    def dense_weight(self) -> Tensor:
+        """``P · W' · Q`` as a dense (m × n) float64 matrix (for tests and folding)."""
+        W = self.weight().detach().double()
+        return self.P.as_gather() @ W @ self.Q.as_segment_sum()
+
+    def dense_bias(self) -> Tensor:
+        """``P · b'`` as a dense (m,) float64 vector."""
+        return self.P.as_gather() @ self.bias_or_zeros().detach().double()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    @property
+    def reduced_shape(self) -> tuple[int, int]:
+        """``(m', n')``."""
+        return int(self.V.shape[0]), int(self.V.shape[1])
+
+    def set_maps(self, P: IndexMap, Q: IndexMap) -> None:
+        """Install new index maps (called by fusion only)."""
+        self.P, self.Q = P, Q
+        self._p_identity = P.is_identity()
+        self._q_identity = Q.is_identity()
+
+    def extra_repr(self) -> str:
+        m2, n2 = self.reduced_shape
+        return f"{self.in_features} -> {self.out_features}, core=({m2}, {n2})"

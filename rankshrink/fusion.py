@@ -1,0 +1,164 @@
+"""Live fusion (SPEC §3): find near-parallel pairs, then merge them exactly into P/Q.
+
+:func:`plan_fusions` is pure: it returns a :class:`FusionPlan`. :func:`fuse_` applies a plan and is the
+only function that mutates W', b', P, Q — and the optimizer's moments — together.
+
+For a pair (i, j) with j the shorter vector, ``r = a_i·a_j / ‖a_j‖²`` (least squares, a_i ≈ r·a_j) and
+``s = √(r² + 1)``: the kept vector becomes ``s·a_j``, the map entries that pointed at i point at j
+with scale ×r/s, those at j keep scale ×1/s. When ``a_i = r·a_j`` exactly, the function is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rankshrink.factorized import FactorizedLinear
+
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class FusionPlan:
+    """Disjoint pairs to fuse on one axis of one layer: ``drop[t]`` merges into ``keep[t]``."""
+
+    axis: str  # "rows" | "cols"
+    drop: Tensor  # (T,) int64
+    keep: Tensor  # (T,) int64
+    ratio: Tensor  # (T,) r with a_drop ≈ r · a_keep
+
+    def __len__(self) -> int:
+        return int(self.drop.numel())
+
+
+def euclidean_gap(a_drop: Tensor, a_keep: Tensor, cos: Tensor) -> Tensor:
+    """``D_euc = ‖a_i·‖a_j‖/‖a_i‖ − sign(cos)·a_j‖`` (paper eq. 9) for rows of the inputs."""
+    ni = a_drop.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    nj = a_keep.norm(dim=1, keepdim=True)
+    return (a_drop * nj / ni - torch.sign(cos)[:, None] * a_keep).norm(dim=1)
+
+
+def plan_fusions(
+    vectors: Tensor,
+    pairs: Tensor,
+    cos: Tensor,
+    axis: str,
+    tau_cos: float,
+    tau_euc: float,
+    positive_only: bool = False,
+    max_pairs: int | None = None,
+) -> FusionPlan | None:
+    """Choose disjoint qualifying pairs, most parallel first.
+
+    Args:
+        vectors: the axis vectors (rows of ``[W'|b']`` or columns of ``W'``), detached.
+        pairs: candidate pairs (T × 2); ``cos`` their exact cosines.
+        tau_cos: a pair qualifies when ``1 − |cos| < tau_cos`` ...
+        tau_euc: ... and ``D_euc < tau_euc``.
+        positive_only: only positively parallel pairs qualify (rows before a ReLU: an
+            anti-parallel pair would need two features after folding, so fusing it saves nothing).
+        max_pairs: at most this many pairs (``None``: no limit).
+
+    Returns:
+        The plan, or ``None`` when nothing qualifies.
+    """
+    if pairs.numel() == 0:
+        return None
+    gap = 1.0 - (cos if positive_only else cos.abs())
+    ok = gap < tau_cos
+    if positive_only:
+        ok &= cos > 0
+    if not bool(ok.any()):
+        return None
+    idx = torch.nonzero(ok).flatten()
+    idx = idx[torch.argsort(gap[idx], stable=True)]
+    a, b = pairs[idx, 0], pairs[idx, 1]
+    na, nb = vectors[a].norm(dim=1), vectors[b].norm(dim=1)
+    a_shorter = na < nb
+    keep = torch.where(a_shorter, a, b)
+    drop = torch.where(a_shorter, b, a)
+    euc = euclidean_gap(vectors[drop], vectors[keep], cos[idx])
+    used: set[int] = set()
+    chosen: list[int] = []
+    limit = max_pairs if max_pairs is not None else len(idx)
+    for t in range(len(idx)):
+        if len(chosen) >= limit:
+            break
+        d, k = int(drop[t]), int(keep[t])
+        if float(euc[t]) >= tau_euc or d in used or k in used:
+            continue
+        used.update((d, k))
+        chosen.append(t)
+    if not chosen:
+        return None
+    sel = torch.tensor(chosen, dtype=torch.long)
+    d, k = drop[sel], keep[sel]
+    ratio = (vectors[d] * vectors[k]).sum(1) / (vectors[k] * vectors[k]).sum(1).clamp_min(_EPS)
+    return FusionPlan(axis, d, k, ratio)
+
+
+@torch.no_grad()
+def fuse_(
+    layer: FactorizedLinear, plan: FusionPlan, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Apply ``plan`` to ``layer`` in place; keep Adam's moments of the surviving entries.
+
+    The effective weight after the call is exactly the fused one: with Frobenius normalization the
+    gain is re-set so that ``k · V / ‖V‖ · g`` equals it (SPEC §2).
+    """
+    c = layer.scale_factor()
+    W = layer.weight().detach().clone()  # (m', n')
+    b = layer.bias_or_zeros().detach().clone()
+    s = torch.sqrt(plan.ratio * plan.ratio + 1.0)
+    size = W.shape[0] if plan.axis == "rows" else W.shape[1]
+    alive = torch.ones(size, dtype=torch.bool)
+    alive[plan.drop] = False
+    if plan.axis == "rows":
+        W[plan.keep] *= s[:, None]
+        b[plan.keep] *= s
+        W, b = W[alive], b[alive]
+        layer.set_maps(layer.P.fuse(plan.drop, plan.keep, plan.ratio / s, 1.0 / s), layer.Q)
+    else:
+        W[:, plan.keep] *= s
+        W = W[:, alive]
+        layer.set_maps(layer.P, layer.Q.fuse(plan.drop, plan.keep, plan.ratio / s, 1.0 / s))
+
+    V_new = W / c  # keep V on its old scale so Adam's moments stay meaningful
+    dim = 0 if plan.axis == "rows" else 1
+    _replace_(layer, "V", V_new, optimizer, alive, dim)
+    if layer.bias is not None:
+        _replace_(layer, "bias", b, optimizer, alive if plan.axis == "rows" else None, 0)
+    if layer.gain is not None:
+        layer.gain.data = (c * V_new.norm() / layer.k).reshape(())
+
+
+def _replace_(
+    layer: FactorizedLinear,
+    name: str,
+    value: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    alive: Tensor | None,
+    dim: int,
+) -> None:
+    """Swap a parameter for a new one holding ``value``; carry its optimizer state across.
+
+    A new ``Parameter`` is needed because autograd caches a leaf's shape in its gradient
+    accumulator: changing ``.data`` to another shape breaks the next backward pass.
+    """
+    old: torch.nn.Parameter = getattr(layer, name)
+    new = torch.nn.Parameter(value.contiguous())
+    setattr(layer, name, new)
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    keep = None if alive is None else torch.nonzero(alive).flatten()
+    for key, moment in list(state.items()):
+        if keep is not None and isinstance(moment, Tensor) and moment.dim() > dim:
+            state[key] = moment.index_select(dim, keep).contiguous()
+    optimizer.state[new] = state

@@ -1,0 +1,149 @@
+"""The ONNX boundary, export side: torch module -> checked ``.onnx`` file.
+
+The exporter is chosen explicitly: ``"dynamo"`` (``torch.export``-based, the supported one since
+torch 2.9) or ``"torchscript"`` (the legacy exporter, deprecated upstream). Both get a dynamic batch
+axis and a fixed opset, and the result passes ``onnx.checker`` with ``full_check=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from rankshrink.errors import RankshrinkError
+
+EXPORTERS = ("dynamo", "torchscript")
+
+
+class ExportError(RankshrinkError):
+    """The exporter failed or produced a model that does not pass the ONNX checker."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export."""
+
+    exporter: str = "dynamo"
+    opset: int = 18
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: ExportConfig) -> int:
+    """Export ``model`` (eval mode) to ``path`` with a dynamic batch axis; return the file's bytes.
+
+    Raises:
+        ExportError: the exporter failed or the checker rejected the result.
+    """
+    if cfg.exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {cfg.exporter!r}")
+    model = model.eval()
+    if example.shape[0] < 2:  # torch.export specializes a batch of 1 to a constant
+        example = example.repeat(2, *([1] * (example.dim() - 1)))
+    try:
+        with _quiet():
+            if cfg.exporter == "dynamo":
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    dynamo=True,
+                    opset_version=cfg.opset,
+                    input_names=["x"],
+                    output_names=["y"],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    verbose=False,
+                    optimize=True,
+                )
+                program.save(str(path))
+            else:
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    str(path),
+                    dynamo=False,
+                    opset_version=cfg.opset,
+                    input_names=["x"],
+                    output_names=["y"],
+                    dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                )
+    except Exception as exc:  # the exporters raise many unrelated types
+        raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_first(exc)}") from None
+    _strip_metadata(path)
+    check_onnx(path)
+    return onnx_size(path)
+
+
+def _strip_metadata(path: Path) -> None:
+    """Drop doc strings and per-node metadata (source locations): they are not part of the
+    computation, differ between machines and can be most of a small model's file."""
+    model = onnx.load(str(path))
+    for graph in (model.graph,):
+        graph.doc_string = ""
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            value.doc_string = ""
+            del value.metadata_props[:]
+    for func in model.functions:
+        for node in func.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    model.doc_string = ""
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
+
+
+def check_onnx(path: Path) -> None:
+    """Run the full ONNX checker (with shape inference) on a file."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise ExportError(f"exported model fails onnx.checker: {_first(exc)}") from None
+
+
+def onnx_size(path: Path) -> int:
+    """Bytes of an ONNX model including any external-data files beside it."""
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    seen: set[str] = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                total += (path.parent / entry.value).stat().st_size
+    return total
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporters' progress prints, warnings and logging."""
+    loggers = [
+        logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+    ]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+__all__ = ["EXPORTERS", "ExportConfig", "ExportError", "check_onnx", "export_onnx", "onnx_size"]

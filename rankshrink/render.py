@@ -1,0 +1,150 @@
+"""Terminal presentation with rich: the progress bar, the per-layer table and the summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from rankshrink.train import StepStats
+
+
+def training_progress(console: Console) -> Progress:
+    """A progress bar showing step, loss, size left and fusions."""
+    return Progress(
+        TextColumn("fine-tuning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:>7.4f}"),
+        TextColumn("size {task.fields[size]:>6.1%}"),
+        TextColumn("core params {task.fields[params]:>8,}"),
+        TextColumn("fusions {task.fields[fusions]:>5}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def progress_fields(stats: StepStats) -> dict[str, Any]:
+    return {
+        "loss": stats.loss,
+        "size": stats.size_ratio,
+        "params": stats.core_params,
+        "fusions": stats.fusions,
+    }
+
+
+def layer_table(report: dict[str, Any]) -> Table:
+    """One row per Linear: original shape, W' shape, exported width, fold kind, parameters."""
+    table = Table(title="layers", title_justify="left")
+    for col in (
+        "layer",
+        "original (out×in)",
+        "W' (m'×n')",
+        "exported (out×in)",
+        "feature width",
+        "fold kind",
+        "params",
+        "of original",
+    ):
+        table.add_column(col, justify="left" if col in ("layer", "fold kind") else "right")
+    for lay in report["layers"]:
+        table.add_row(
+            lay["name"],
+            "×".join(map(str, lay["original_shape"])),
+            "×".join(map(str, lay["core_shape"])),
+            "×".join(map(str, lay["weight_shape"])),
+            str(lay["feature_width"]),
+            lay["fold_kind"],
+            f"{lay['params']:,}",
+            f"{lay['params'] / lay['original_params']:.1%}",
+        )
+    return table
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """Sizes, verification and timing side by side."""
+    ver = report["verification"]
+    table = Table(title="summary", title_justify="left", show_header=True)
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("compressed", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_row(
+        "parameters",
+        f"{report['params_before']:,}",
+        f"{report['params_after']:,}",
+        f"{report['param_ratio']:.3f}",
+    )
+    table.add_row(
+        "ONNX bytes",
+        f"{report['onnx_bytes_before']:,}",
+        f"{report['onnx_bytes_after']:,}",
+        f"{report['onnx_ratio']:.3f}",
+    )
+    if ver.get("accuracy_before") is not None:
+        drop = ver["accuracy_before"] - ver["accuracy_after"]
+        table.add_row(
+            "test accuracy",
+            f"{ver['accuracy_before']:.2f}%",
+            f"{ver['accuracy_after']:.2f}%",
+            f"{-drop:+.2f} pt",
+        )
+    if report.get("latency_ms_before") is not None:
+        table.add_row(
+            "latency, batch 1",
+            f"{report['latency_ms_before']:.3f} ms",
+            f"{report['latency_ms_after']:.3f} ms",
+            f"{report['latency_ms_after'] / report['latency_ms_before']:.3f}",
+        )
+    return table
+
+
+def verification_lines(report: dict[str, Any]) -> list[str]:
+    """Plain lines on what was verified."""
+    ver, train = report["verification"], report["training"]
+    lines = [
+        f"fine-tuning: {train['steps']} steps in {train['seconds']:.1f} s, {train['fusions']} fusions",
+    ]
+    if ver.get("export_max_abs_diff") is not None:
+        lines.append(
+            f"export check: max abs diff {ver['export_max_abs_diff']:.2e} (torch vs onnxruntime,"
+            f" batches {ver['export_batches']})"
+        )
+    line = (
+        f"vs original on {ver['samples']} held-out samples: max abs diff {ver['max_abs_diff']:.3g}"
+    )
+    if ver.get("agreement") is not None:
+        line += f", top-1 agreement {ver['agreement']:.2%}"
+    lines.append(line)
+    return lines
+
+
+def inspect_table(rows: list[dict[str, Any]]) -> Table:
+    """The ``inspect`` table."""
+    table = Table(title="Linear layers", title_justify="left")
+    for col in (
+        "layer",
+        "out×in",
+        "params",
+        "∥ row pairs",
+        "max |cos| rows",
+        "∥ col pairs",
+        "max |cos| cols",
+        "effective rank",
+    ):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            "×".join(map(str, r["shape"])),
+            f"{r['params']:,}",
+            str(r["parallel_row_pairs"]),
+            f"{r['max_row_cos']:.4f}",
+            str(r["parallel_col_pairs"]),
+            f"{r['max_col_cos']:.4f}",
+            f"{r['effective_rank']:.1f} / {r['max_rank']}",
+        )
+    return table

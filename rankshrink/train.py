@@ -1,0 +1,344 @@
+"""Fine-tuning with the RaRe loss and live fusion (SPEC §2–3).
+
+One step: fuse the pairs that qualify after the previous update, add the RaRe term of each
+fusable axis (its argmin pair only), the L2 term and the task loss, then one Adam update. A
+:class:`ThresholdSchedule` optionally relaxes τ_cos/τ_euc while the model is above a target size
+trajectory — the paper's thresholds fuse only a few vectors per hundred steps post hoc.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from rankshrink.errors import TrainingDivergedError
+from rankshrink.fusion import fuse_, plan_fusions
+from rankshrink.rare import PairCandidates, argmin_pair, axis_vectors, pair_cosines, rare_value
+from rankshrink.surgery import FactorizedChain, fusable_axis, rare_axes
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning settings. Defaults are the paper's where it has one (λ1, λ2, τ, Adam lr)."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    lambda_rank: float = 20.0
+    lambda_l2: float = 0.1
+    tau_cos: float = 1e-4
+    tau_euc: float = 0.1
+    fusion: bool = True
+    distill: bool = True  # add distillation from the original to the label loss
+    distill_temperature: float = 2.0
+    target_ratio: float | None = 0.6  # export-size ratio the schedule aims for; None: fixed τ
+    ramp_fraction: float = 0.6  # reach the target by this fraction of the steps
+    max_pairs_per_step: int | None = None  # per layer; None: max(1, axis length // 64)
+    search_budget: float = 0.1  # amortized cost of full pair searches, as a fraction of a step
+    search_refresh: int | None = None  # full search every N steps; None: from search_budget
+    seed: int = 0
+
+
+@dataclass
+class StepStats:
+    """What the progress callback receives after every step."""
+
+    step: int
+    steps: int
+    loss: float
+    task_loss: float
+    rare_loss: float
+    core_params: int
+    size_ratio: float
+    fusions: int
+    tau_cos: float
+
+
+@dataclass
+class TrainReport:
+    """The outcome of :func:`fine_tune_`."""
+
+    steps: int
+    seconds: float
+    fusions: int
+    fusions_by_layer: dict[str, int]
+    skipped_steps: int
+    search_refresh: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class ThresholdSchedule:
+    """Relax τ_cos (and τ_euc ∝ √τ_cos) while above the target trajectory, tighten when below.
+
+    The trajectory falls linearly from 1 to ``target`` over the first ``ramp_fraction`` of the
+    steps; afterwards the thresholds return to the paper's values and training recovers accuracy.
+    """
+
+    GROWTH = 1.15
+    MAX_TAU_COS = 0.5
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.base_cos, self.base_euc = cfg.tau_cos, cfg.tau_euc
+        self.target = cfg.target_ratio
+        self.ramp_steps = max(1, int(cfg.ramp_fraction * cfg.steps))
+        self.mult = 1.0
+
+    def goal(self, step: int) -> float:
+        if self.target is None:
+            return 1.0
+        return 1.0 - (1.0 - self.target) * min(1.0, (step + 1) / self.ramp_steps)
+
+    def update(self, step: int, size_ratio: float) -> tuple[float, float]:
+        """The thresholds for the next fusion pass."""
+        if self.target is not None and step < self.ramp_steps and size_ratio > self.goal(step):
+            self.mult = min(self.mult * self.GROWTH, self.MAX_TAU_COS / self.base_cos)
+        else:
+            self.mult = max(1.0, self.mult / self.GROWTH)
+        return self.base_cos * self.mult, self.base_euc * math.sqrt(self.mult)
+
+
+def fine_tune_(
+    chain: FactorizedChain,
+    x: Tensor,
+    y: Tensor | None,
+    teacher: Tensor | None,
+    cfg: TrainConfig,
+    size_fn: Callable[[], int],
+    progress: Callable[[StepStats], None] | None = None,
+) -> TrainReport:
+    """Fine-tune ``chain`` in place for ``cfg.steps`` steps.
+
+    Args:
+        chain: the factorized model and its fusion policies.
+        x: training inputs (N, ...); y: class labels (N,) or ``None``.
+        teacher: the original model's outputs on ``x`` (distillation targets) or ``None``.
+        size_fn: the current export size (any unit); the target ratio is relative to its
+            value before training.
+        progress: called after every step.
+
+    Raises:
+        TrainingDivergedError: the loss or gradients stayed non-finite despite lowering the lr.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model, layers, policies = chain.model, chain.layers, chain.policies
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    schedule = ThresholdSchedule(cfg)
+    refresh = cfg.search_refresh or _search_refresh(chain, cfg)
+    cands = {
+        (li, axis): PairCandidates(
+            top=_top(layer, axis),
+            refresh=refresh,
+            positive_only=axis == "rows" and pol.positive_rows,
+        )
+        for li, (layer, pol) in enumerate(zip(layers, policies, strict=True))
+        for axis in rare_axes(pol)
+    }
+    size0 = max(size_fn(), 1)
+    size_ratio = 1.0
+    tau_cos, tau_euc = cfg.tau_cos, cfg.tau_euc
+    fusions_by_layer = {pol.name: 0 for pol in policies}
+    total_fusions = skipped = bad_in_a_row = 0
+    history: list[dict[str, float]] = []
+    n = x.shape[0]
+    order = torch.randperm(n, generator=gen)
+    cursor = 0
+    model.train()
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        # 1. Fuse what qualifies after the previous update (the paper fuses after every step).
+        if cfg.fusion and step > 0:
+            fused_now = _fusion_pass(chain, cands, opt, step, tau_cos, tau_euc, cfg)
+            if fused_now:
+                for name, count in fused_now.items():
+                    fusions_by_layer[name] += count
+                    total_fusions += count
+                size_ratio = size_fn() / size0
+                _decay_dropout(chain)
+
+        # 2. The batch.
+        if cursor + cfg.batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+
+        # 3. The loss: task + λ1·RaRe + λ2·L2.
+        out = model(x[idx])
+        task = _task_loss(
+            out, None if y is None else y[idx], None if teacher is None else teacher[idx], cfg
+        )
+        rare = _rare_loss(chain, cands, step) if cfg.lambda_rank > 0 else out.new_zeros(())
+        l2 = torch.stack([(layer.V * layer.V).sum() for layer in layers]).mean()
+        loss = task + cfg.lambda_rank * rare + cfg.lambda_l2 * l2
+
+        # 4. The update, never with non-finite values.
+        opt.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            finite = all(
+                p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()
+            )
+        if finite:
+            opt.step()
+            bad_in_a_row = 0
+        else:
+            skipped += 1
+            bad_in_a_row += 1
+            opt.zero_grad(set_to_none=True)
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+            if bad_in_a_row >= 20:
+                raise TrainingDivergedError(
+                    f"fine-tuning diverged: non-finite loss or gradients for 20 steps in a row"
+                    f" (at step {step}); try a lower --lr or fewer --steps"
+                )
+
+        tau_cos, tau_euc = schedule.update(step, size_ratio)
+        stats = StepStats(
+            step=step + 1,
+            steps=cfg.steps,
+            loss=float(loss.detach()) if finite else float("nan"),
+            task_loss=float(task.detach()),
+            rare_loss=float(rare.detach()),
+            core_params=sum(math.prod(layer.reduced_shape) for layer in layers),
+            size_ratio=size_ratio,
+            fusions=total_fusions,
+            tau_cos=tau_cos,
+        )
+        if step % 10 == 0 or step == cfg.steps - 1:
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": stats.loss,
+                    "size_ratio": size_ratio,
+                    "fusions": total_fusions,
+                }
+            )
+        if progress is not None:
+            progress(stats)
+    seconds = time.perf_counter() - start
+    model.eval()
+    return TrainReport(
+        cfg.steps, seconds, total_fusions, fusions_by_layer, skipped, refresh, history
+    )
+
+
+def _task_loss(out: Tensor, y: Tensor | None, teacher: Tensor | None, cfg: TrainConfig) -> Tensor:
+    if y is None:
+        assert teacher is not None, "distillation needs teacher outputs when there are no labels"
+        return F.mse_loss(out, teacher)
+    loss = F.cross_entropy(out, y)
+    if cfg.distill and teacher is not None:
+        t = cfg.distill_temperature
+        soft = F.kl_div(
+            F.log_softmax(out / t, dim=-1),
+            F.log_softmax(teacher / t, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss = loss + soft * t * t
+    return loss
+
+
+def _rare_loss(chain: FactorizedChain, cands: dict, step: int) -> Tensor:
+    """``1/(2c) Σ m'n' [RaRe(cols) + RaRe(rows)]`` through each axis's argmin pair only."""
+    terms: list[Tensor] = []
+    c = 0
+    for li, (layer, pol) in enumerate(zip(chain.layers, chain.policies, strict=True)):
+        rows, cols = layer.reduced_shape
+        c += rows * cols
+        axes = rare_axes(pol)
+        if not axes:
+            continue
+        W, b = layer.weight(), layer.bias_or_zeros()
+        for axis in axes:
+            vectors = axis_vectors(W, b, axis)
+            if vectors.shape[0] < 2:
+                continue
+            cand: PairCandidates = cands[(li, axis)]
+            pairs = cand.get(vectors, step)
+            with torch.no_grad():
+                best = argmin_pair(pair_cosines(vectors, pairs), cand.positive_only)
+            terms.append(rows * cols * rare_value(pair_cosines(vectors, pairs[best : best + 1])[0]))
+    if not terms:
+        return chain.layers[0].V.new_zeros(())
+    return torch.stack(terms).sum() / (2 * c)
+
+
+@torch.no_grad()
+def _fusion_pass(
+    chain: FactorizedChain,
+    cands: dict,
+    opt: torch.optim.Optimizer,
+    step: int,
+    tau_cos: float,
+    tau_euc: float,
+    cfg: TrainConfig,
+) -> dict[str, int]:
+    fused: dict[str, int] = {}
+    for li, (layer, pol) in enumerate(zip(chain.layers, chain.policies, strict=True)):
+        axis = fusable_axis(layer, pol)
+        if axis is None:
+            continue
+        vectors = axis_vectors(layer.weight(), layer.bias_or_zeros(), axis)
+        if vectors.shape[0] < 2:
+            continue
+        cand: PairCandidates = cands[(li, axis)]
+        pairs = cand.get(vectors, step)
+        limit = cfg.max_pairs_per_step or max(1, vectors.shape[0] // 64)
+        plan = plan_fusions(
+            vectors,
+            pairs,
+            pair_cosines(vectors, pairs),
+            axis,
+            tau_cos,
+            tau_euc,
+            positive_only=cand.positive_only,
+            max_pairs=limit,
+        )
+        if plan is None:
+            continue
+        size_before = vectors.shape[0]
+        fuse_(layer, plan, opt)
+        cand.remap(plan.drop, size_before)
+        fused[pol.name] = len(plan)
+    return fused
+
+
+def _decay_dropout(chain: FactorizedChain) -> None:
+    """``rate = (n / n0) · rate0`` for the dropouts after a layer whose rows fused (eq. 14)."""
+    for layer, pol in zip(chain.layers, chain.policies, strict=True):
+        frac = layer.reduced_shape[0] / layer.out_features
+        for drop, rate0 in zip(pol.dropouts, pol.dropout_rates, strict=True):
+            drop.p = rate0 * frac
+
+
+def _top(layer, axis: str) -> int:
+    count = layer.reduced_shape[0 if axis == "rows" else 1]
+    return min(count * (count - 1) // 2, max(64, 2 * count))
+
+
+def _search_refresh(chain: FactorizedChain, cfg: TrainConfig) -> int:
+    """Steps between full pair searches so that they cost ~``search_budget`` of a step.
+
+    Estimated from FLOPs, not timed, so that runs are deterministic: a training step is
+    ~6·batch·Σmn, a full search on an axis of k vectors of length d is ~2·k²·d.
+    """
+    step_flops = 6 * cfg.batch_size * sum(l.in_features * l.out_features for l in chain.layers)
+    search_flops = 0
+    for layer, pol in zip(chain.layers, chain.policies, strict=True):
+        m, n = layer.reduced_shape
+        if pol.fuse_rows:
+            search_flops += 2 * m * m * (n + 1)
+        if pol.fuse_cols:
+            search_flops += 2 * n * n * m
+    if search_flops == 0:
+        return 1
+    return max(1, math.ceil(search_flops / (cfg.search_budget * step_flops)))
