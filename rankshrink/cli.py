@@ -153,9 +153,11 @@ def compress(
     distill: Annotated[
         bool,
         typer.Option(
-            "--distill", help="Add distillation from the original model to the label loss."
+            "--distill/--no-distill",
+            help="Distill from the original model alongside the labels (without labels it is the"
+            " whole task loss).",
         ),
-    ] = False,
+    ] = True,
     seed: Annotated[int, typer.Option(help="Random seed (batches, dropout, split).")] = 0,
     max_bytes: Annotated[
         int | None, typer.Option(help="Gate: fail (exit 3) if the compressed ONNX is larger.")
