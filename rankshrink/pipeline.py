@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,7 +197,6 @@ def compress(
         "compressed_by": f"rankshrink {__version__}",
         "source_sha256": loaded.sha256,
         "method": "rare",
-        "created": time.strftime("%Y-%m-%d"),
     }
     return CompressResult(
         report=report,

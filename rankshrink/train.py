@@ -8,9 +8,10 @@ trajectory — the paper's thresholds fuse only a few vectors per hundred steps 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,31 @@ def fine_tune_(
     Raises:
         TrainingDivergedError: the loss or gradients stayed non-finite despite lowering the lr.
     """
+    with _deterministic():
+        return _fine_tune(chain, x, y, teacher, cfg, size_fn, progress)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic kernels (the gradient of a gather with repeated indices otherwise sums in
+    thread order), so that a seed reproduces a run bit for bit."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _fine_tune(
+    chain: FactorizedChain,
+    x: Tensor,
+    y: Tensor | None,
+    teacher: Tensor | None,
+    cfg: TrainConfig,
+    size_fn: Callable[[], int],
+    progress: Callable[[StepStats], None] | None,
+) -> TrainReport:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model, layers, policies = chain.model, chain.layers, chain.policies
