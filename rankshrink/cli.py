@@ -82,7 +82,16 @@ def _errors(console: Console) -> Iterator[None]:
 
 
 def _err_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, width=_width())
+
+
+def _console(quiet: bool = False) -> Console:
+    return Console(quiet=quiet, highlight=False, width=_width())
+
+
+def _width() -> int | None:
+    """Tables need ~110 columns; a pipe or CI log would otherwise be cut to rich's 80."""
+    return None if sys.stdout.isatty() else 120
 
 
 def _require(ok: bool, message: str) -> None:
@@ -197,7 +206,7 @@ def compress(
     from rankshrink.pipeline import CompressConfig
     from rankshrink.pipeline import compress as run_compress
 
-    console = Console(quiet=quiet, highlight=False)
+    console = _console(quiet)
     err = _err_console()
     with _errors(err):
         _require(
@@ -333,7 +342,7 @@ def verify(
     from rankshrink.pipeline import load_inputs
     from rankshrink.verify import verify_export
 
-    console, err = Console(highlight=False), _err_console()
+    console, err = _console(), _err_console()
     with _errors(err):
         _require(bool(data), "verify needs --data FILE to compare outputs")
         onnx_path = Path(onnx_file)
@@ -384,7 +393,7 @@ def inspect(
     from rankshrink.redundancy import inspect_model
     from rankshrink.render import inspect_table
 
-    console, err = Console(highlight=False), _err_console()
+    console, err = _console(), _err_console()
     with _errors(err):
         loaded = load_model(Path(model), arch=arch, trust_pickle=trust_pickle)
         rows = inspect_model(loaded.model, tau_cos=tau_cos)

@@ -1,0 +1,112 @@
+"""Make the bundled sample models and their data, deterministically (no downloads).
+
+    python sample_models/make_samples.py            # writes beside this file
+
+- ``digits.npz``: scikit-learn's bundled 8×8 digits, ``x`` = pixels / 16 (float32, the only
+  preprocessing, stored in the file), ``y`` labels, and a recorded stratified 80/20 split
+  ``train_idx`` / ``test_idx``.
+- ``mlp_digits.pt``: a ReLU MLP 64-256-256-256-10 with dropout 0.2, trained on the train split;
+  a self-describing rankshrink checkpoint that loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from rankshrink.arch import make_checkpoint
+
+SEED = 0
+_FIXED_DATE = (2026, 1, 1, 0, 0, 0)  # zip entries carry a timestamp; fix it for stable bytes
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez_compressed`` with fixed zip timestamps, so the bytes depend only on the data."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_FIXED_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())
+
+
+def make_digits_data(out_dir: Path) -> dict[str, np.ndarray]:
+    """Write ``digits.npz`` and return its arrays."""
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    train, test = train_test_split(np.arange(len(y)), test_size=0.2, random_state=SEED, stratify=y)
+    arrays = {"x": x, "y": y, "train_idx": np.sort(train), "test_idx": np.sort(test)}
+    _save_npz(out_dir / "digits.npz", arrays)
+    return arrays
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean() * 100)
+
+
+def make_mlp_digits(out_dir: Path, data: dict[str, np.ndarray], epochs: int = 60) -> float:
+    """Train and write ``mlp_digits.pt``; return its test accuracy (percent)."""
+    torch.manual_seed(SEED)
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    tr, te = torch.from_numpy(data["train_idx"]), torch.from_numpy(data["test_idx"])
+    model = nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2),
+        nn.Linear(256, 10),
+    )  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(SEED)
+    for _ in range(epochs):
+        model.train()
+        order = tr[torch.randperm(len(tr), generator=gen)]
+        for start in range(0, len(order), 64):
+            batch = order[start : start + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            opt.step()
+    model.eval()
+    test_acc = _accuracy(model, x[te], y[te])
+    meta = {
+        "description": "ReLU MLP 64-256-256-256-10, dropout 0.2, trained on sklearn digits",
+        "dataset": "sklearn digits (pixels/16), sample_models/digits.npz",
+        "seed": SEED,
+        "epochs": epochs,
+        "train_accuracy": _accuracy(model, x[tr], y[tr]),
+        "test_accuracy": test_acc,
+    }
+    torch.save(make_checkpoint(model, meta), out_dir / "mlp_digits.pt")
+    return test_acc
+
+
+def _describe(path: Path, extra: str = "") -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    print(f"{path}  {path.stat().st_size:,} bytes  sha256 {digest}  {extra}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    data = make_digits_data(args.out_dir)
+    _describe(args.out_dir / "digits.npz")
+    acc = make_mlp_digits(args.out_dir, data)
+    _describe(args.out_dir / "mlp_digits.pt", f"test accuracy {acc:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
