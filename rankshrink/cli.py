@@ -14,7 +14,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,16 +39,16 @@ app = typer.Typer(
 )
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     rare = "rare"
 
 
-class AxisPolicy(str, Enum):
+class AxisPolicy(StrEnum):
     fold = "fold"
     longer = "longer"
 
 
-class Exporter(str, Enum):
+class Exporter(StrEnum):
     dynamo = "dynamo"
     torchscript = "torchscript"
 

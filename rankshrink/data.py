@@ -61,7 +61,7 @@ def load_data(path: str | Path, seed: int = 0) -> Dataset:
         split = "recorded"
     else:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        cut = max(1, int(round(0.8 * n)))
+        cut = max(1, round(0.8 * n))
         train, test = perm[:cut].sort().values, perm[cut:].sort().values
         split = "seeded 80/20"
     if train.numel() == 0 or test.numel() == 0:

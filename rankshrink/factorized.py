@@ -34,6 +34,7 @@ class FactorizedLinear(nn.Module):
         self.Q = IndexMap.identity(self.in_features)  # cols: (n,) -> n'
         self._p_identity = True
         self._q_identity = True
+        self.last_weight: Tensor | None = None
 
     # -- the function --------------------------------------------------------------------------
 
@@ -54,11 +55,14 @@ class FactorizedLinear(nn.Module):
         # Materialize P·W'·Q as an (m, n) weight once per call instead of gathering activations:
         # the index ops then cost O(m·n), independent of the batch, and the matmul is the original's.
         W, b = self.weight(), self.bias
+        self.last_weight = W  # reused by the RaRe loss of the same step (same autograd graph)
+        # index_select, not W[idx]: its gradient is an index_add, which is deterministic and far
+        # cheaper than the sorted index_put that deterministic mode imposes on advanced indexing.
         if not self._p_identity:
-            W = W[self.P.index] * self.P.scale[:, None]
-            b = None if b is None else b[self.P.index] * self.P.scale
+            W = W.index_select(0, self.P.index) * self.P.scale[:, None]  # (m, n')
+            b = None if b is None else b.index_select(0, self.P.index) * self.P.scale
         if not self._q_identity:
-            W = W[:, self.Q.index] * self.Q.scale
+            W = W.index_select(1, self.Q.index) * self.Q.scale  # (m, n)
         return F.linear(x, W, b)
 
     def dense_weight(self) -> Tensor:

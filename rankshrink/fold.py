@@ -115,9 +115,7 @@ def plan_fold(modules: list[nn.Module]) -> list[_Plan | None]:
             for gather, rows in outs:
                 assert rows is not None
                 out_width = feat if mode else mod.out_features
-                options.append(
-                    _Plan(cols if seg else cols, rows, cols, seg, gather, mode, out_width, group)
-                )
+                options.append(_Plan(cols, rows, cols, seg, gather, mode, out_width, group))
         best = min(options, key=lambda p: (p.bytes, p.segment_in + p.gather_out))
         plans.append(best)
         in_width = best.out_width if mode else None

@@ -38,7 +38,7 @@ def cosine_matrix(vectors: Tensor) -> Tensor:
 
 def pair_cosines(vectors: Tensor, pairs: Tensor) -> Tensor:
     """Cosine of each pair ``(i, j)`` in ``pairs`` (T × 2); differentiable."""
-    a, b = vectors[pairs[:, 0]], vectors[pairs[:, 1]]
+    a, b = vectors.index_select(0, pairs[:, 0]), vectors.index_select(0, pairs[:, 1])
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(_EPS)
 
 
@@ -79,15 +79,19 @@ class PairCandidates:
             self.searched_at = step
         return self.pairs
 
-    def remap(self, dropped: Tensor, size_before: int) -> None:
-        """Renumber after ``dropped`` vectors were removed; pairs that lost a member go."""
+    def remap(self, dropped: Tensor, size_before: int) -> Tensor:
+        """Renumber after ``dropped`` vectors were removed; pairs that lost a member go.
+
+        Returns the mask of the pairs that stayed (to filter values computed for them).
+        """
         if self.pairs is None or self.pairs.numel() == 0:
-            return
+            return torch.zeros(0, dtype=torch.bool)
         alive = torch.ones(size_before, dtype=torch.bool)
         alive[dropped] = False
         keep = alive[self.pairs].all(dim=1)
         renumber = torch.cumsum(alive.long(), 0) - 1
         self.pairs = renumber[self.pairs[keep]]
+        return keep
 
 
 def argmin_pair(cos: Tensor, positive_only: bool) -> int:

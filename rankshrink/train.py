@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from rankshrink.errors import TrainingDivergedError
+from rankshrink.factorized import FactorizedLinear
 from rankshrink.fusion import fuse_, plan_fusions
 from rankshrink.rare import PairCandidates, argmin_pair, axis_vectors, pair_cosines, rare_value
 from rankshrink.surgery import FactorizedChain, fusable_axis, rare_axes
@@ -154,7 +155,7 @@ def _fine_tune(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model, layers, policies = chain.model, chain.layers, chain.policies
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
     schedule = ThresholdSchedule(cfg)
     refresh = cfg.search_refresh or _search_refresh(chain, cfg)
     cands = {
@@ -178,15 +179,15 @@ def _fine_tune(
     model.train()
     start = time.perf_counter()
     for step in range(cfg.steps):
-        # 1. Fuse what qualifies after the previous update (the paper fuses after every step).
-        if cfg.fusion and step > 0:
-            fused_now = _fusion_pass(chain, cands, opt, step, tau_cos, tau_euc, cfg)
-            if fused_now:
-                for name, count in fused_now.items():
-                    fusions_by_layer[name] += count
-                    total_fusions += count
-                size_ratio = size_fn() / size0
-                _decay_dropout(chain)
+        # 1. Score the candidate pairs once; fuse what qualifies after the previous update (the
+        #    paper fuses after every step) and keep the argmin pair of every RaRe axis.
+        best, fused_now = _scan_(chain, cands, opt, step, tau_cos, tau_euc, cfg)
+        if fused_now:
+            for name, count in fused_now.items():
+                fusions_by_layer[name] += count
+                total_fusions += count
+            size_ratio = size_fn() / size0
+            _decay_dropout(chain)
 
         # 2. The batch.
         if cursor + cfg.batch_size > n:
@@ -199,7 +200,7 @@ def _fine_tune(
         task = _task_loss(
             out, None if y is None else y[idx], None if teacher is None else teacher[idx], cfg
         )
-        rare = _rare_loss(chain, cands, step) if cfg.lambda_rank > 0 else out.new_zeros(())
+        rare = _rare_loss(chain, best) if cfg.lambda_rank > 0 else out.new_zeros(())
         l2 = torch.stack([(layer.V * layer.V).sum() for layer in layers]).mean()
         loss = task + cfg.lambda_rank * rare + cfg.lambda_l2 * l2
 
@@ -208,9 +209,9 @@ def _fine_tune(
         finite = bool(torch.isfinite(loss))
         if finite:
             loss.backward()
-            finite = all(
-                p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters()
-            )
+            # one fused norm over all gradients: non-finite iff any entry is
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), foreach=True)
+            finite = bool(torch.isfinite(total))
         if finite:
             opt.step()
             bad_in_a_row = 0
@@ -273,69 +274,94 @@ def _task_loss(out: Tensor, y: Tensor | None, teacher: Tensor | None, cfg: Train
     return loss
 
 
-def _rare_loss(chain: FactorizedChain, cands: dict, step: int) -> Tensor:
-    """``1/(2c) Σ m'n' [RaRe(cols) + RaRe(rows)]`` through each axis's argmin pair only."""
+def _rare_loss(chain: FactorizedChain, best: dict[tuple[int, str], Tensor]) -> Tensor:
+    """``1/(2c) Σ m'n' [RaRe(cols) + RaRe(rows)]`` through each axis's argmin pair only.
+
+    Uses the effective weight this step's forward pass computed and differentiates only the two
+    vectors of each argmin pair.
+    """
     terms: list[Tensor] = []
     c = 0
-    for li, (layer, pol) in enumerate(zip(chain.layers, chain.policies, strict=True)):
+    for li, layer in enumerate(chain.layers):
         rows, cols = layer.reduced_shape
         c += rows * cols
-        axes = rare_axes(pol)
-        if not axes:
-            continue
-        W, b = layer.weight(), layer.bias_or_zeros()
-        for axis in axes:
-            vectors = axis_vectors(W, b, axis)
-            if vectors.shape[0] < 2:
+        W = layer.last_weight if layer.last_weight is not None else layer.weight()
+        for axis in ("rows", "cols"):
+            pair_idx = best.get((li, axis))
+            if pair_idx is None:
                 continue
-            cand: PairCandidates = cands[(li, axis)]
-            pairs = cand.get(vectors, step)
-            with torch.no_grad():
-                best = argmin_pair(pair_cosines(vectors, pairs), cand.positive_only)
-            terms.append(rows * cols * rare_value(pair_cosines(vectors, pairs[best : best + 1])[0]))
+            if axis == "rows":
+                b = layer.bias_or_zeros()
+                pair = torch.cat(
+                    [W.index_select(0, pair_idx), b.index_select(0, pair_idx)[:, None]], 1
+                )
+            else:
+                pair = W.index_select(1, pair_idx).T
+            cos = pair_cosines(pair, _FIRST_PAIR)[0]
+            terms.append(rows * cols * rare_value(cos))
     if not terms:
         return chain.layers[0].V.new_zeros(())
     return torch.stack(terms).sum() / (2 * c)
 
 
+_FIRST_PAIR = torch.tensor([[0, 1]])
+
+
 @torch.no_grad()
-def _fusion_pass(
+def _scan_(
     chain: FactorizedChain,
-    cands: dict,
+    cands: dict[tuple[int, str], PairCandidates],
     opt: torch.optim.Optimizer,
     step: int,
     tau_cos: float,
     tau_euc: float,
     cfg: TrainConfig,
-) -> dict[str, int]:
+) -> tuple[dict[tuple[int, str], Tensor], dict[str, int]]:
+    """Score candidates, apply this step's fusions, and pick each RaRe axis's argmin pair.
+
+    One scoring serves both: fusing pairs on an axis only removes candidates there (scaling the
+    kept vector leaves its cosines unchanged); the other axis of a fused layer is re-scored.
+
+    Returns:
+        ``{(layer, axis): pair}`` for the RaRe loss, and ``{layer name: fusions}``.
+    """
+    best: dict[tuple[int, str], Tensor] = {}
     fused: dict[str, int] = {}
     for li, (layer, pol) in enumerate(zip(chain.layers, chain.policies, strict=True)):
-        axis = fusable_axis(layer, pol)
-        if axis is None:
+        axes = rare_axes(pol)
+        if not axes:
             continue
-        vectors = axis_vectors(layer.weight(), layer.bias_or_zeros(), axis)
-        if vectors.shape[0] < 2:
-            continue
-        cand: PairCandidates = cands[(li, axis)]
-        pairs = cand.get(vectors, step)
-        limit = cfg.max_pairs_per_step or max(1, vectors.shape[0] // 64)
-        plan = plan_fusions(
-            vectors,
-            pairs,
-            pair_cosines(vectors, pairs),
-            axis,
-            tau_cos,
-            tau_euc,
-            positive_only=cand.positive_only,
-            max_pairs=limit,
-        )
-        if plan is None:
-            continue
-        size_before = vectors.shape[0]
-        fuse_(layer, plan, opt)
-        cand.remap(plan.drop, size_before)
-        fused[pol.name] = len(plan)
-    return fused
+        W, b = layer.weight(), layer.bias_or_zeros()
+        scored: dict[str, tuple[Tensor, Tensor]] = {}
+        for axis in axes:
+            vectors = axis_vectors(W, b, axis)
+            if vectors.shape[0] >= 2:
+                pairs = cands[(li, axis)].get(vectors, step)
+                scored[axis] = (vectors, pair_cosines(vectors, pairs))
+        axis = fusable_axis(layer, pol) if cfg.fusion and step > 0 else None
+        if axis in scored:
+            cand = cands[(li, axis)]
+            vectors, cos = scored[axis]
+            limit = cfg.max_pairs_per_step or max(1, vectors.shape[0] // 64)
+            plan = plan_fusions(
+                vectors, cand.pairs, cos, axis, tau_cos, tau_euc,
+                positive_only=cand.positive_only, max_pairs=limit,
+            )  # fmt: skip
+            if plan is not None:
+                fuse_(layer, plan, opt)
+                fused[pol.name] = len(plan)
+                scored[axis] = (vectors, cos[cand.remap(plan.drop, vectors.shape[0])])
+                W, b = layer.weight(), layer.bias_or_zeros()
+                for other in scored:
+                    if other != axis:
+                        vecs = axis_vectors(W, b, other)
+                        scored[other] = (vecs, pair_cosines(vecs, cands[(li, other)].pairs))
+        if cfg.lambda_rank > 0:
+            for ax, (_, cos) in scored.items():
+                cand = cands[(li, ax)]
+                if cos.numel():
+                    best[(li, ax)] = cand.pairs[argmin_pair(cos, cand.positive_only)]
+    return best, fused
 
 
 def _decay_dropout(chain: FactorizedChain) -> None:
@@ -346,9 +372,10 @@ def _decay_dropout(chain: FactorizedChain) -> None:
             drop.p = rate0 * frac
 
 
-def _top(layer, axis: str) -> int:
+def _top(layer: FactorizedLinear, axis: str) -> int:
+    """Candidates kept between full searches: enough for the argmin and a step's fusions."""
     count = layer.reduced_shape[0 if axis == "rows" else 1]
-    return min(count * (count - 1) // 2, max(64, 2 * count))
+    return min(count * (count - 1) // 2, max(32, min(256, count // 2)))
 
 
 def _search_refresh(chain: FactorizedChain, cfg: TrainConfig) -> int:

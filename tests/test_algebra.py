@@ -24,10 +24,18 @@ def index_maps(draw: st.DrawFn) -> IndexMap:
     reduced = draw(st.integers(1, 6))
     size = draw(st.integers(reduced, 12))
     # every reduced coordinate gets at least one member
-    rest = draw(st.lists(st.integers(0, reduced - 1), min_size=size - reduced, max_size=size - reduced))
+    rest = draw(
+        st.lists(st.integers(0, reduced - 1), min_size=size - reduced, max_size=size - reduced)
+    )
     index = torch.tensor(list(range(reduced)) + rest)
-    index = index[torch.randperm(size, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))]
-    scale = torch.tensor(draw(st.lists(st.floats(-3, 3).filter(lambda v: abs(v) > 0.05), min_size=size, max_size=size)))
+    index = index[
+        torch.randperm(size, generator=torch.Generator().manual_seed(draw(st.integers(0, 99))))
+    ]
+    scale = torch.tensor(
+        draw(
+            st.lists(st.floats(-3, 3).filter(lambda v: abs(v) > 0.05), min_size=size, max_size=size)
+        )
+    )
     return IndexMap(index, scale.float(), reduced)
 
 
@@ -76,7 +84,11 @@ def test_exactly_parallel_vectors_fuse_without_changing_the_function(
     if pre_fuse:  # a second fusion on top of non-identity maps
         _make_parallel_(layer, "cols" if axis == "rows" else "rows", 0, 1, 0.7)
         other = "cols" if axis == "rows" else "rows"
-        fuse_(layer, FusionPlan(other, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.7])), None)
+        fuse_(
+            layer,
+            FusionPlan(other, torch.tensor([0]), torch.tensor([1]), torch.tensor([0.7])),
+            None,
+        )
     _make_parallel_(layer, axis, 2, 4, r)
     before = layer(x).detach()
     vectors = axis_vectors(layer.weight().detach(), layer.bias_or_zeros().detach(), axis)
@@ -85,7 +97,9 @@ def test_exactly_parallel_vectors_fuse_without_changing_the_function(
     fuse_(layer, FusionPlan(axis, torch.tensor([2]), torch.tensor([4]), ratio[None]), None)
     assert layer.reduced_shape[0 if axis == "rows" else 1] == count - 1
     after = layer(x).detach()
-    assert torch.allclose(before, after, atol=ATOL), f"fused output max abs diff {(before - after).abs().max():.3g}"
+    assert torch.allclose(before, after, atol=ATOL), (
+        f"fused output max abs diff {(before - after).abs().max():.3g}"
+    )
     dense = x.double() @ layer.dense_weight().T + layer.dense_bias()
     assert torch.allclose(dense.float(), after, atol=ATOL), "P·W'·Q dense form != module forward"
 
@@ -100,7 +114,9 @@ def test_fusion_keeps_adam_state_of_survivors() -> None:
     fuse_(layer, FusionPlan("rows", torch.tensor([1]), torch.tensor([3]), torch.tensor([2.0])), opt)
     new_state = opt.state[layer.V]["exp_avg"]
     assert new_state.shape == layer.V.shape
-    assert torch.equal(new_state, moments[[0, 2, 3, 4, 5]]), "Adam moments of surviving rows changed"
+    assert torch.equal(new_state, moments[[0, 2, 3, 4, 5]]), (
+        "Adam moments of surviving rows changed"
+    )
     assert any(p is layer.V for g in opt.param_groups for p in g["params"]), "optimizer lost V"
     layer(torch.randn(4, 5)).sum().backward()  # the next step works with the new shapes
     opt.step()
@@ -115,15 +131,27 @@ def test_plan_keeps_the_shorter_vector_and_only_qualifying_pairs() -> None:
     assert plan is not None
     got = {(int(d), int(k)) for d, k in zip(plan.drop, plan.keep, strict=True)}
     assert got == {(1, 0), (3, 2)}, f"expected the longer vector of each pair dropped, got {got}"
-    positive = plan_fusions(vectors, pairs, pair_cosines(vectors, pairs), "rows", 1e-4, 10.0, positive_only=True)
-    assert positive is not None and len(positive) == 1, "anti-parallel pair fused under positive_only"
+    positive = plan_fusions(
+        vectors, pairs, pair_cosines(vectors, pairs), "rows", 1e-4, 10.0, positive_only=True
+    )
+    assert positive is not None and len(positive) == 1, (
+        "anti-parallel pair fused under positive_only"
+    )
     tight = plan_fusions(vectors, pairs, pair_cosines(vectors, pairs), "rows", 1e-4, 1e-6)
-    assert tight is not None and [int(tight.drop[0])] == [3], "τ_euc must exclude the inexact pair only"
+    assert tight is not None and [int(tight.drop[0])] == [3], (
+        "τ_euc must exclude the inexact pair only"
+    )
 
 
 @st.composite
 def chains(draw: st.DrawFn) -> nn.Sequential:
-    acts = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.1), "gelu": nn.GELU, "tanh": nn.Tanh, "none": None}
+    acts = {
+        "relu": nn.ReLU,
+        "leaky": lambda: nn.LeakyReLU(0.1),
+        "gelu": nn.GELU,
+        "tanh": nn.Tanh,
+        "none": None,
+    }
     widths = draw(st.lists(st.integers(3, 9), min_size=2, max_size=4))
     layers: list[nn.Module] = []
     for i in range(len(widths) - 1):
@@ -149,7 +177,9 @@ def test_fold_equals_the_factorized_forward(model: nn.Sequential, seed: int, fus
     x = torch.randn(6, model[0].in_features)
     reference = model(x)
     chain = factorize_(prepare_chain(model), frobenius=True, axis_policy="longer")
-    assert torch.allclose(chain.model(x), reference, atol=ATOL), "factorized(identity maps) != original"
+    assert torch.allclose(chain.model(x), reference, atol=ATOL), (
+        "factorized(identity maps) != original"
+    )
     gen = torch.Generator().manual_seed(seed)
     for _ in range(fusions):  # fuse random pairs on random free axes (inexact: function changes)
         li = int(torch.randint(len(chain.layers), (1,), generator=gen))
@@ -168,7 +198,9 @@ def test_fold_equals_the_factorized_forward(model: nn.Sequential, seed: int, fus
         factorized = chain.model.eval()(x)
         result = fold(chain.model)
         folded = result.model(x)
-    assert torch.allclose(folded, factorized, atol=1e-4), f"fold max abs diff {(folded - factorized).abs().max():.3g}"
+    assert torch.allclose(folded, factorized, atol=1e-4), (
+        f"fold max abs diff {(folded - factorized).abs().max():.3g}"
+    )
     for lf in result.layers:
         m, n = lf.original_shape
         assert lf.bytes <= (m * n + m) * 4, f"layer {lf.name} exported larger than the original"
@@ -176,7 +208,9 @@ def test_fold_equals_the_factorized_forward(model: nn.Sequential, seed: int, fus
 
 def test_relu_mlp_folds_to_a_plain_narrower_mlp() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)
+    ).eval()
     chain = factorize_(prepare_chain(model))
     first = chain.layers[0]
     _make_parallel_(first, "rows", 2, 6, 1.5)  # positive: one feature
@@ -184,7 +218,9 @@ def test_relu_mlp_folds_to_a_plain_narrower_mlp() -> None:
     x = torch.randn(9, 5)
     before = chain.model(x).detach()
     vec = axis_vectors(first.weight().detach(), first.bias_or_zeros().detach(), "rows")
-    ratio = torch.stack([(vec[2] @ vec[6]) / (vec[6] @ vec[6]), (vec[3] @ vec[5]) / (vec[5] @ vec[5])])
+    ratio = torch.stack(
+        [(vec[2] @ vec[6]) / (vec[6] @ vec[6]), (vec[3] @ vec[5]) / (vec[5] @ vec[5])]
+    )
     fuse_(first, FusionPlan("rows", torch.tensor([2, 3]), torch.tensor([6, 5]), ratio), None)
     result = fold(chain.model)
     kinds = [type(m) for m in result.model]

@@ -31,14 +31,27 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     y = torch.arange(400) % 4
     x = centers[y] + torch.randn(400, 12, generator=gen)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Dropout(0.1), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4))
+    model = nn.Sequential(
+        nn.Linear(12, 48),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(48, 48),
+        nn.ReLU(),
+        nn.Linear(48, 4),
+    )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(150):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[:320]), y[:320]).backward()
         opt.step()
     torch.save(make_checkpoint(model.eval()), root / "model.pt")
-    np.savez(root / "data.npz", x=x.numpy(), y=y.numpy(), train_idx=np.arange(320), test_idx=np.arange(320, 400))
+    np.savez(
+        root / "data.npz",
+        x=x.numpy(),
+        y=y.numpy(),
+        train_idx=np.arange(320),
+        test_idx=np.arange(320, 400),
+    )
     return root / "model.pt", root / "data.npz"
 
 
@@ -47,14 +60,22 @@ def _sha(path: Path) -> str:
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_compress_oracles_dense_factorized_folded_onnx(small: tuple[Path, Path], exporter: str, tmp_path: Path) -> None:
+def test_compress_oracles_dense_factorized_folded_onnx(
+    small: tuple[Path, Path], exporter: str, tmp_path: Path
+) -> None:
     model, data = small
-    cfg = CompressConfig(model, data, train=TrainConfig(steps=150, target_ratio=0.6), export=ExportConfig(exporter))
+    cfg = CompressConfig(
+        model, data, train=TrainConfig(steps=150, target_ratio=0.6), export=ExportConfig(exporter)
+    )
     result = compress(cfg)
     rep = result.report
     ver = rep["verification"]
-    assert ver["fold_max_abs_diff"] <= 1e-4, f"fold vs factorized max abs diff {ver['fold_max_abs_diff']:.2e}"
-    assert ver["export_max_abs_diff"] <= 1e-4, f"torch vs onnxruntime max abs diff {ver['export_max_abs_diff']:.2e}"
+    assert ver["fold_max_abs_diff"] <= 1e-4, (
+        f"fold vs factorized max abs diff {ver['fold_max_abs_diff']:.2e}"
+    )
+    assert ver["export_max_abs_diff"] <= 1e-4, (
+        f"torch vs onnxruntime max abs diff {ver['export_max_abs_diff']:.2e}"
+    )
     assert ver["passed"], ver["failures"]
     assert rep["training"]["fusions"] > 0, "the target schedule must make fusions happen"
     assert rep["onnx_bytes_after"] < rep["onnx_bytes_before"], "compressed ONNX is not smaller"
@@ -68,11 +89,28 @@ def test_compress_oracles_dense_factorized_folded_onnx(small: tuple[Path, Path],
     assert np.abs(got - want).max() <= 1e-4, "onnxruntime output differs from the folded model"
 
 
-def test_compress_cli_writes_onnx_report_and_checkpoint(small: tuple[Path, Path], tmp_path: Path) -> None:
+def test_compress_cli_writes_onnx_report_and_checkpoint(
+    small: tuple[Path, Path], tmp_path: Path
+) -> None:
     model, data = small
     out, rep, pt = tmp_path / "c.onnx", tmp_path / "c.json", tmp_path / "c.pt"
     before = _sha(model)
-    res = runner.invoke(app, ["compress", str(model), "--data", str(data), "--out", str(out), "--save-pt", str(pt), "--steps", "120", "-q"])
+    res = runner.invoke(
+        app,
+        [
+            "compress",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--save-pt",
+            str(pt),
+            "--steps",
+            "120",
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert _sha(model) == before, "input was modified"
     report = json.loads(rep.read_text())
@@ -89,12 +127,29 @@ def test_compress_cli_writes_onnx_report_and_checkpoint(small: tuple[Path, Path]
     assert json.loads(res.output)["passed"] is True
 
 
-def test_same_seed_gives_byte_identical_onnx_and_report(small: tuple[Path, Path], tmp_path: Path) -> None:
+def test_same_seed_gives_byte_identical_onnx_and_report(
+    small: tuple[Path, Path], tmp_path: Path
+) -> None:
     model, data = small
     blobs = []
     for i in range(2):
         out = tmp_path / f"r{i}.onnx"
-        res = runner.invoke(app, ["compress", str(model), "--data", str(data), "--out", str(out), "--steps", "100", "-q", "--seed", "3"])
+        res = runner.invoke(
+            app,
+            [
+                "compress",
+                str(model),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--steps",
+                "100",
+                "-q",
+                "--seed",
+                "3",
+            ],
+        )
         assert res.exit_code == 0, res.output
         report = json.loads(out.with_suffix(".json").read_text())
         for timing in ("latency_ms_before", "latency_ms_after"):
@@ -102,13 +157,32 @@ def test_same_seed_gives_byte_identical_onnx_and_report(small: tuple[Path, Path]
         report["training"].pop("seconds")
         blobs.append((out.read_bytes(), report))
     assert blobs[0][0] == blobs[1][0], "ONNX bytes differ between two runs with the same seed"
-    assert blobs[0][1] == blobs[1][1], "reports (timings aside) differ between two runs with the same seed"
+    assert blobs[0][1] == blobs[1][1], (
+        "reports (timings aside) differ between two runs with the same seed"
+    )
 
 
-def test_size_gate_fails_with_exit_3_and_writes_only_the_report(small: tuple[Path, Path], tmp_path: Path) -> None:
+def test_size_gate_fails_with_exit_3_and_writes_only_the_report(
+    small: tuple[Path, Path], tmp_path: Path
+) -> None:
     model, data = small
     out = tmp_path / "g.onnx"
-    res = runner.invoke(app, ["compress", str(model), "--data", str(data), "--out", str(out), "--steps", "20", "-q", "--max-bytes", "1000"])
+    res = runner.invoke(
+        app,
+        [
+            "compress",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "20",
+            "-q",
+            "--max-bytes",
+            "1000",
+        ],
+    )
     assert res.exit_code == 3, res.output
     assert "--max-bytes" in res.output
     assert not out.exists(), "a failed gate must not leave the ONNX file"
@@ -123,7 +197,21 @@ def test_accuracy_gate(small: tuple[Path, Path], tmp_path: Path) -> None:
     # Requiring a top-1 agreement above 1 is impossible: the gate must trip.
     res = runner.invoke(app, ["verify", str(model), str(model), "--data", str(data)])
     assert res.exit_code == 2, "a .pt passed as ONNX must be bad input"
-    res = runner.invoke(app, ["compress", str(model), "--data", str(data), "--out", str(out), "--steps", "20", "-q",
-                              "--max-accuracy-drop", "-1"])
+    res = runner.invoke(
+        app,
+        [
+            "compress",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "20",
+            "-q",
+            "--max-accuracy-drop",
+            "-1",
+        ],
+    )
     assert res.exit_code == 3, res.output
     assert "accuracy drop" in res.output
