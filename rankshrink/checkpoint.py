@@ -118,13 +118,13 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" not in str(exc).lower() and "unsupported global" not in str(exc).lower():
+        names = _unsafe_globals(path)
+        if not names:  # not a refusal of globals: the bytes are simply not a pickle we can read
             raise InputError(f"{path} is not a readable checkpoint ({_first_line(exc)})") from None
         if not trust_pickle:
-            names = _unsafe_globals(path)
             listed = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
             raise UnsafeCheckpointError(
-                f"{path} is a pickled object that would import {listed or 'code'} when loaded;"
+                f"{path} is a pickled object that would import {listed} when loaded;"
                 " refusing (pass --trust-pickle only if you trust the file's author)"
             ) from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... for bad bytes

@@ -106,8 +106,8 @@ def _tensor(value: Any, name: str, path: Path) -> Tensor:
     if isinstance(value, Tensor):
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise InputError(f"{path}: '{name}' has dtype object; expected numbers")
+        if value.dtype.kind not in "biuf":  # strings, objects, dates, complex: not model inputs
+            raise InputError(f"{path}: '{name}' has dtype {value.dtype}; expected numbers")
         return torch.from_numpy(np.ascontiguousarray(value))
     raise InputError(f"{path}: '{name}' is a {type(value).__name__}, expected an array")
 
