@@ -73,11 +73,12 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
     kind = spec["kind"]
     try:
         if kind == "linear":
-            return nn.Linear(
-                _pos_int(spec, "in_features"),
-                _pos_int(spec, "out_features"),
-                bias=bool(spec.get("bias", True)),
-            )
+            n_in, n_out = _pos_int(spec, "in_features"), _pos_int(spec, "out_features")
+            if (
+                n_in * n_out > _MAX_ELEMENTS
+            ):  # refuse before the allocator tries (and the OOM killer)
+                raise InputError(f"architecture spec: a {n_out}x{n_in} linear layer is too large")
+            return nn.Linear(n_in, n_out, bias=bool(spec.get("bias", True)))
         if kind == "indexed_linear":
             return IndexedLinear.from_spec(spec)
         if kind == "leaky_relu":
@@ -99,15 +100,22 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
             )
         if kind == "flatten":
             return nn.Flatten(int(spec.get("start_dim", 1)), int(spec.get("end_dim", -1)))
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"bad architecture spec for layer kind {kind!r}: {exc}") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as exc:
+        # torch's C++ errors span many lines; the first names the problem
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"bad architecture spec for layer kind {kind!r}: {first}") from None
     raise InputError(f"unknown layer kind {kind!r} in architecture spec")
+
+
+_MAX_ELEMENTS = 2**31  # 8 GiB of float32 in one layer: far beyond anything this tool targets
 
 
 def _pos_int(spec: dict[str, Any], key: str) -> int:
     value = spec.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InputError(f"architecture spec: {key} must be a positive integer, got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
+        raise InputError(
+            f"architecture spec: {key} must be a positive integer below 2**31, got {value!r:.40}"
+        )
     return value
 
 

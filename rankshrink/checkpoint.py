@@ -81,14 +81,25 @@ def load_model(
     if obj.get("format") == CHECKPOINT_FORMAT:
         if arch is not None:
             raise InputError(f"{path} describes its own architecture; drop --arch")
-        model = build_sequential(obj.get("arch"))  # type: ignore[arg-type]
+        try:
+            model = build_sequential(obj.get("arch"))  # type: ignore[arg-type]
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+        except Exception as exc:  # the spec comes from the file: missing keys, absurd sizes
+            raise InputError(
+                f"{path}: cannot build the architecture it describes ({_first_line(exc)})"
+            ) from None
         _load_state(model, obj.get("state_dict"), path)
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         return LoadedModel(_checked(model.eval(), path), path, "checkpoint", digest, meta)
     if "format" in obj:
         raise InputError(f"{path}: unknown checkpoint format {obj['format']!r}")
     state = obj.get("state_dict", obj)
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
         raise InputError(f"{path} is a dict but neither a rankshrink checkpoint nor a state_dict")
     if arch is None:
         raise InputError(
@@ -159,15 +170,20 @@ def _build_from_factory(arch: str) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as exc:
         raise InputError(f"--arch {arch}: cannot import ({_first_line(exc)})") from None
-    model = factory()
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code failing is still bad input to this tool
+        raise InputError(
+            f"--arch {arch}: the factory raised {type(exc).__name__} ({_first_line(exc)})"
+        ) from None
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
     return model
 
 
 def _load_state(model: nn.Module, state: Any, path: Path) -> None:
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: state_dict missing or not a dict")
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise InputError(f"{path}: state_dict missing or not a dict with string keys")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rankshrink import __version__
 from rankshrink.errors import GateError, InputError, RankshrinkError
@@ -69,7 +71,8 @@ def _errors(console: Console) -> Iterator[None]:
     try:
         yield
     except RankshrinkError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # the message quotes user paths, which may contain [markup]
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[red]interrupted[/red]: stopped cleanly, nothing was written")
@@ -97,6 +100,13 @@ def _width() -> int | None:
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise InputError(message)
+
+
+def _require_finite(**flags: float | None) -> None:
+    """Reject nan/inf numeric flags: a NaN gate never fails and an inf rate diverges at step 1."""
+    for name, value in flags.items():
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 @app.command()
@@ -212,6 +222,17 @@ def compress(
         _require(
             bool(data),
             "compress needs --data FILE (inputs x, optional labels y) to fine-tune and verify",
+        )
+        _require_finite(
+            lr=lr,
+            lambda_rank=lambda_rank,
+            lambda_l2=lambda_l2,
+            tau_cos=tau_cos,
+            tau_euc=tau_euc,
+            target_ratio=target_ratio,
+            export_atol=export_atol,
+            max_accuracy_drop=max_accuracy_drop,
+            min_agreement=min_agreement,
         )
         _require(steps > 0, f"--steps must be positive, got {steps}")
         _require(batch_size > 0, f"--batch-size must be positive, got {batch_size}")
@@ -345,6 +366,7 @@ def verify(
     console, err = _console(), _err_console()
     with _errors(err):
         _require(bool(data), "verify needs --data FILE to compare outputs")
+        _require_finite(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
         onnx_path = Path(onnx_file)
         _require(onnx_path.is_file(), f"ONNX file not found: {onnx_path}")
         loaded, ds, classifier = load_inputs(Path(model), Path(data), arch, trust_pickle, seed)

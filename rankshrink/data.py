@@ -42,6 +42,8 @@ def load_data(path: str | Path, seed: int = 0) -> Dataset:
             that are not non-negative integers, or an invalid recorded split.
     """
     path = Path(path)
+    if not -(2**63) <= seed < 2**64:  # torch generators take a 64-bit seed
+        raise InputError(f"--seed must fit in 64 bits, got {seed}")
     if not path.is_file():
         raise InputError(
             f"data file not found: {path}" + (" (it is a directory)" if path.is_dir() else "")
@@ -51,7 +53,7 @@ def load_data(path: str | Path, seed: int = 0) -> Dataset:
     arrays = _read(path)
     if "x" not in arrays:
         raise InputError(
-            f"{path} has no array 'x' (found: {', '.join(sorted(arrays)) or 'nothing'})"
+            f"{path} has no array 'x' (found: {', '.join(sorted(map(str, arrays))) or 'nothing'})"
         )
     x = _as_float(arrays["x"], path)
     n = x.shape[0]
@@ -104,6 +106,8 @@ def _short(exc: BaseException) -> str:
 
 def _tensor(value: Any, name: str, path: Path) -> Tensor:
     if isinstance(value, Tensor):
+        if value.layout != torch.strided or value.is_nested or value.is_meta or value.is_quantized:
+            raise InputError(f"{path}: '{name}' is not a dense tensor with data; save a dense one")
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":  # strings, objects, dates, complex: not model inputs
@@ -150,7 +154,7 @@ def _split(arrays: dict[str, Any], n: int, path: Path) -> tuple[Tensor, Tensor]:
     parts = []
     for name in ("train_idx", "test_idx"):
         idx = _tensor(arrays[name], name, path)
-        if idx.dtype.is_floating_point or idx.dim() != 1:
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1:
             raise InputError(f"{path}: '{name}' must be a 1-D integer array")
         idx = idx.long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):

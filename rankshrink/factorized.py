@@ -34,7 +34,7 @@ class FactorizedLinear(nn.Module):
         self.Q = IndexMap.identity(self.in_features)  # cols: (n,) -> n'
         self._p_identity = True
         self._q_identity = True
-        self.last_weight: Tensor | None = None
+        self._next_weight: Tensor | None = None
 
     # -- the function --------------------------------------------------------------------------
 
@@ -51,11 +51,21 @@ class FactorizedLinear(nn.Module):
     def bias_or_zeros(self) -> Tensor:
         return self.bias if self.bias is not None else self.V.new_zeros(self.V.shape[0])
 
+    def use_weight_once(self, weight: Tensor) -> None:
+        """Make the next forward call use ``weight`` (``W'`` computed already, in the same graph).
+
+        The training step computes ``W'`` for the pair scan and the RaRe term before the forward
+        pass; handing it over saves computing it twice.
+        """
+        self._next_weight = weight
+
     def forward(self, x: Tensor) -> Tensor:
         # Materialize P·W'·Q as an (m, n) weight once per call instead of gathering activations:
         # the index ops then cost O(m·n), independent of the batch, and the matmul is the original's.
-        W, b = self.weight(), self.bias
-        self.last_weight = W  # reused by the RaRe loss of the same step (same autograd graph)
+        W, b = self._next_weight, self.bias
+        self._next_weight = None
+        if W is None:
+            W = self.weight()
         # index_select, not W[idx]: its gradient is an index_add, which is deterministic and far
         # cheaper than the sorted index_put that deterministic mode imposes on advanced indexing.
         if not self._p_identity:

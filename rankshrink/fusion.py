@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from rankshrink.factorized import FactorizedLinear
+from rankshrink.rare import AxisVectors
 
 _EPS = 1e-12
 
@@ -41,7 +42,7 @@ def euclidean_gap(a_drop: Tensor, a_keep: Tensor, cos: Tensor) -> Tensor:
 
 
 def plan_fusions(
-    vectors: Tensor,
+    vectors: AxisVectors,
     pairs: Tensor,
     cos: Tensor,
     axis: str,
@@ -75,11 +76,14 @@ def plan_fusions(
     idx = torch.nonzero(ok).flatten()
     idx = idx[torch.argsort(gap[idx], stable=True)]
     a, b = pairs[idx, 0], pairs[idx, 1]
-    na, nb = vectors[a].norm(dim=1), vectors[b].norm(dim=1)
+    va, vb = vectors.select(a), vectors.select(b)
+    na, nb = va.norm(dim=1), vb.norm(dim=1)
     a_shorter = na < nb
     keep = torch.where(a_shorter, a, b)
     drop = torch.where(a_shorter, b, a)
-    euc = euclidean_gap(vectors[drop], vectors[keep], cos[idx])
+    v_drop = torch.where(a_shorter[:, None], vb, va)
+    v_keep = torch.where(a_shorter[:, None], va, vb)
+    euc = euclidean_gap(v_drop, v_keep, cos[idx])
     used: set[int] = set()
     chosen: list[int] = []
     limit = max_pairs if max_pairs is not None else len(idx)
@@ -94,8 +98,8 @@ def plan_fusions(
     if not chosen:
         return None
     sel = torch.tensor(chosen, dtype=torch.long)
-    d, k = drop[sel], keep[sel]
-    ratio = (vectors[d] * vectors[k]).sum(1) / (vectors[k] * vectors[k]).sum(1).clamp_min(_EPS)
+    d, k, vd, vk = drop[sel], keep[sel], v_drop[sel], v_keep[sel]
+    ratio = (vd * vk).sum(1) / (vk * vk).sum(1).clamp_min(_EPS)
     return FusionPlan(axis, d, k, ratio)
 
 

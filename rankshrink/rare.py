@@ -12,6 +12,8 @@ every ``refresh`` steps. With ``refresh=1`` this is the exact argmin of the pape
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,13 +22,61 @@ from torch import Tensor
 _EPS = 1e-12
 
 
+@dataclass(frozen=True)
+class AxisVectors:
+    """The vectors compared along one axis: rows of ``[W' | b']`` or columns of ``W'``.
+
+    Never materializes ``[W' | b']``: on a wide layer that copy alone costs as much as a large
+    elementwise op, every step. Vectors are read by index; the Gram matrix is ``W'W'ᵀ + b'b'ᵀ``.
+    Differentiable when ``weight``/``bias`` are.
+    """
+
+    weight: Tensor  # (m', n')
+    bias: Tensor | None  # (m',) or None (rows then compare W' rows alone)
+    axis: str  # "rows" | "cols"
+
+    def __post_init__(self) -> None:
+        if self.axis not in ("rows", "cols"):
+            raise ValueError(f"axis must be 'rows' or 'cols', got {self.axis!r}")
+
+    def __len__(self) -> int:
+        return int(self.weight.shape[0 if self.axis == "rows" else 1])
+
+    def select(self, idx: Tensor) -> Tensor:
+        """The vectors ``idx`` (k × d)."""
+        if self.axis == "cols":
+            return self.weight.index_select(1, idx).T
+        rows = self.weight.index_select(0, idx)
+        if self.bias is None:
+            return rows
+        return torch.cat([rows, self.bias.index_select(0, idx)[:, None]], dim=1)
+
+    def dense(self) -> Tensor:
+        """All vectors as one (count × d) matrix."""
+        return self.select(torch.arange(len(self)))
+
+    @torch.no_grad()
+    def cosine_matrix(self) -> Tensor:
+        """All-pairs cosine similarity (count × count), no autograd."""
+        W = self.weight
+        if self.axis == "cols":
+            gram = W.T @ W
+        elif self.bias is None:
+            gram = W @ W.T
+        else:
+            gram = torch.addmm(torch.outer(self.bias, self.bias), W, W.T)
+        inv = gram.diagonal().clamp_min(_EPS).rsqrt()
+        return gram.mul_(inv[:, None]).mul_(inv[None, :])
+
+    def pair_cosines(self, pairs: Tensor) -> Tensor:
+        """Cosine of each pair ``(i, j)`` in ``pairs`` (T × 2)."""
+        a, b = self.select(pairs[:, 0]), self.select(pairs[:, 1])
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(_EPS)
+
+
 def axis_vectors(weight: Tensor, bias: Tensor, axis: str) -> Tensor:
-    """The vectors compared along ``axis``: rows of ``[W' | b']`` or columns of ``W'``."""
-    if axis == "rows":
-        return torch.cat([weight, bias[:, None]], dim=1)  # (m', n'+1)
-    if axis == "cols":
-        return weight.T  # (n', m')
-    raise ValueError(f"axis must be 'rows' or 'cols', got {axis!r}")
+    """The vectors compared along ``axis`` as one matrix (see :class:`AxisVectors`)."""
+    return AxisVectors(weight, bias, axis).dense()
 
 
 def cosine_matrix(vectors: Tensor) -> Tensor:
@@ -37,7 +87,7 @@ def cosine_matrix(vectors: Tensor) -> Tensor:
 
 
 def pair_cosines(vectors: Tensor, pairs: Tensor) -> Tensor:
-    """Cosine of each pair ``(i, j)`` in ``pairs`` (T × 2); differentiable."""
+    """Cosine of each pair ``(i, j)`` of rows of ``vectors`` in ``pairs`` (T × 2); differentiable."""
     a, b = vectors.index_select(0, pairs[:, 0]), vectors.index_select(0, pairs[:, 1])
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(_EPS)
 
@@ -47,18 +97,38 @@ def rare_value(cos: Tensor) -> Tensor:
     return 1.0 - cos * cos
 
 
-def top_pairs(vectors: Tensor, top: int, positive_only: bool) -> Tensor:
+def rare_pair_grad(pair: Tensor) -> tuple[Tensor, Tensor]:
+    """``1 − cos(a, b)²`` of ``pair = [a; b]`` (2 × d) and its gradient (2 × d), in closed form.
+
+    ``∂cos/∂a = b/(‖a‖‖b‖) − cos·a/‖a‖²``, so ``∂(1 − cos²)/∂a = −2·cos·∂cos/∂a``, and symmetrically
+    for ``b``.
+    """
+    sq = (pair * pair).sum(1).clamp_min(_EPS)  # ‖a‖², ‖b‖²
+    inv = sq.prod().rsqrt()
+    cos = (pair[0] * pair[1]).sum() * inv
+    grad = (pair.flip(0) * inv - pair * (cos / sq)[:, None]) * (-2.0 * cos)
+    return 1.0 - cos * cos, grad
+
+
+def top_pairs(vectors: AxisVectors | Tensor, top: int, positive_only: bool) -> Tensor:
     """The ``top`` most parallel pairs ``(i < j)`` by |cos| (or by cos when ``positive_only``)."""
-    count = vectors.shape[0]
+    count = len(vectors)
     if count < 2:
         return torch.empty(0, 2, dtype=torch.long)
-    cos = cosine_matrix(vectors)
-    score = cos if positive_only else cos.abs()
-    i, j = torch.triu_indices(count, count, offset=1)
-    flat = score[i, j]
-    k = min(top, flat.numel())
-    best = torch.topk(flat, k, sorted=True).indices
-    return torch.stack([i[best], j[best]], dim=1)
+    cos = vectors.cosine_matrix() if isinstance(vectors, AxisVectors) else cosine_matrix(vectors)
+    score = cos if positive_only else cos.abs_()
+    # one topk over the whole matrix with the lower triangle masked out: cheaper than gathering
+    # the upper triangle's k(k-1)/2 entries first
+    score.masked_fill_(_lower_triangle(count), -math.inf)
+    k = min(top, count * (count - 1) // 2)
+    best = torch.topk(score.flatten(), k, sorted=True).indices
+    return torch.stack([best // count, best % count], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _lower_triangle(count: int) -> Tensor:
+    """Mask of the pairs ``i >= j`` (an axis shrinks a little between searches: cache per size)."""
+    return torch.ones(count, count, dtype=torch.bool).tril_()
 
 
 @dataclass
@@ -71,11 +141,11 @@ class PairCandidates:
     pairs: Tensor | None = None
     searched_at: int = -(10**9)
 
-    def get(self, vectors: Tensor, step: int) -> Tensor:
+    def get(self, vectors: AxisVectors, step: int) -> Tensor:
         """The candidate pairs for the current vectors (a full search when one is due)."""
         due = step - self.searched_at >= self.refresh
         if self.pairs is None or due or self.pairs.numel() == 0:
-            self.pairs = top_pairs(vectors.detach(), self.top, self.positive_only)
+            self.pairs = top_pairs(vectors, self.top, self.positive_only)
             self.searched_at = step
         return self.pairs
 

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from rankshrink.errors import TrainingDivergedError
 from rankshrink.factorized import FactorizedLinear
 from rankshrink.fusion import fuse_, plan_fusions
-from rankshrink.rare import PairCandidates, argmin_pair, axis_vectors, pair_cosines, rare_value
+from rankshrink.rare import AxisVectors, PairCandidates, argmin_pair, rare_pair_grad
 from rankshrink.surgery import FactorizedChain, fusable_axis, rare_axes
 
 
@@ -158,15 +158,21 @@ def _fine_tune(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
     schedule = ThresholdSchedule(cfg)
     refresh = cfg.search_refresh or _search_refresh(chain, cfg)
-    cands = {
-        (li, axis): PairCandidates(
-            top=_top(layer, axis),
-            refresh=refresh,
-            positive_only=axis == "rows" and pol.positive_rows,
-        )
-        for li, (layer, pol) in enumerate(zip(layers, policies, strict=True))
-        for axis in rare_axes(pol)
-    }
+    # plain fine-tuning (no RaRe, no fusion) scores no pairs at all: the baseline of benchmark (a)
+    scan = cfg.fusion or cfg.lambda_rank > 0
+    cands = (
+        {}
+        if not scan
+        else {
+            (li, axis): PairCandidates(
+                top=_top(layer, axis),
+                refresh=refresh,
+                positive_only=axis == "rows" and pol.positive_rows,
+            )
+            for li, (layer, pol) in enumerate(zip(layers, policies, strict=True))
+            for axis in rare_axes(pol)
+        }
+    )
     size0 = max(size_fn(), 1)
     size_ratio = 1.0
     tau_cos, tau_euc = cfg.tau_cos, cfg.tau_euc
@@ -179,9 +185,12 @@ def _fine_tune(
     model.train()
     start = time.perf_counter()
     for step in range(cfg.steps):
-        # 1. Score the candidate pairs once; fuse what qualifies after the previous update (the
-        #    paper fuses after every step) and keep the argmin pair of every RaRe axis.
-        best, fused_now = _scan_(chain, cands, opt, step, tau_cos, tau_euc, cfg)
+        # 1. Score the candidate pairs once per step; fuse what qualifies after the previous
+        #    update (the paper fuses after every step); the same scoring gives the RaRe term.
+        if scan:
+            rare, fused_now = _scan_(chain, cands, opt, step, tau_cos, tau_euc, cfg)
+        else:
+            rare, fused_now = None, {}
         if fused_now:
             for name, count in fused_now.items():
                 fusions_by_layer[name] += count
@@ -200,15 +209,17 @@ def _fine_tune(
         task = _task_loss(
             out, None if y is None else y[idx], None if teacher is None else teacher[idx], cfg
         )
-        rare = _rare_loss(chain, best) if cfg.lambda_rank > 0 else out.new_zeros(())
         l2 = torch.stack([(layer.V * layer.V).sum() for layer in layers]).mean()
-        loss = task + cfg.lambda_rank * rare + cfg.lambda_l2 * l2
+        loss = task + cfg.lambda_l2 * l2  # + λ1·RaRe, whose gradient is added after backward
 
+        rare_value = 0.0 if rare is None else float(rare.value)
         # 4. The update, never with non-finite values.
         opt.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        finite = math.isfinite(float(loss.detach())) and math.isfinite(rare_value)
         if finite:
             loss.backward()
+            if rare is not None:
+                rare.add_grad_(cfg.lambda_rank)
             # one fused norm over all gradients: non-finite iff any entry is
             total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), foreach=True)
             finite = bool(torch.isfinite(total))
@@ -231,9 +242,9 @@ def _fine_tune(
         stats = StepStats(
             step=step + 1,
             steps=cfg.steps,
-            loss=float(loss.detach()) if finite else float("nan"),
+            loss=float(loss.detach()) + cfg.lambda_rank * rare_value if finite else float("nan"),
             task_loss=float(task.detach()),
-            rare_loss=float(rare.detach()),
+            rare_loss=rare_value,
             core_params=sum(math.prod(layer.reduced_shape) for layer in layers),
             size_ratio=size_ratio,
             fusions=total_fusions,
@@ -274,40 +285,66 @@ def _task_loss(out: Tensor, y: Tensor | None, teacher: Tensor | None, cfg: Train
     return loss
 
 
-def _rare_loss(chain: FactorizedChain, best: dict[tuple[int, str], Tensor]) -> Tensor:
-    """``1/(2c) Σ m'n' [RaRe(cols) + RaRe(rows)]`` through each axis's argmin pair only.
+@dataclass
+class RareTerm:
+    """One step's RaRe term: its value and its gradient, added after ``backward``.
 
-    Uses the effective weight this step's forward pass computed and differentiates only the two
-    vectors of each argmin pair.
+    The gradient of the ``min`` flows through the argmin pair only: a few rows or columns of ``W'``.
+    Autograd would route it through an index-select whose backward allocates and adds a full-size
+    matrix per axis — on a wide layer more than the rest of the step's overhead. The closed form
+    (:func:`rankshrink.rare.rare_pair_grad`) touches only the pair, plus one in-place pass over
+    ``V`` for the Frobenius normalization's projection.
     """
-    terms: list[Tensor] = []
-    c = 0
-    for li, layer in enumerate(chain.layers):
-        rows, cols = layer.reduced_shape
-        c += rows * cols
-        W = layer.last_weight if layer.last_weight is not None else layer.weight()
-        for axis in ("rows", "cols"):
-            pair_idx = best.get((li, axis))
-            if pair_idx is None:
-                continue
-            if axis == "rows":
-                b = layer.bias_or_zeros()
-                pair = torch.cat(
-                    [W.index_select(0, pair_idx), b.index_select(0, pair_idx)[:, None]], 1
-                )
-            else:
-                pair = W.index_select(1, pair_idx).T
-            cos = pair_cosines(pair, _FIRST_PAIR)[0]
-            terms.append(rows * cols * rare_value(cos))
-    if not terms:
-        return chain.layers[0].V.new_zeros(())
-    return torch.stack(terms).sum() / (2 * c)
+
+    value: Tensor
+    # (layer, axis, the pair's indices, d(weight · RaRe)/d vectors (2 × d)), before the 1/(2c)
+    parts: list[tuple[FactorizedLinear, str, Tensor, Tensor]]
+    scale: float  # 1 / (2c)
+
+    @torch.no_grad()
+    def add_grad_(self, lam: float) -> None:
+        """Add ``lam ·`` the gradient of :attr:`value` to the parameters' ``.grad``."""
+        by_layer: dict[int, list[tuple[str, Tensor, Tensor]]] = {}
+        layers: dict[int, FactorizedLinear] = {}
+        for layer, axis, idx, grad in self.parts:
+            by_layer.setdefault(id(layer), []).append((axis, idx, grad))
+            layers[id(layer)] = layer
+        for key, parts in by_layer.items():
+            _add_layer_grad_(layers[key], parts, lam * self.scale)
 
 
-_FIRST_PAIR = torch.tensor([[0, 1]])
+def _add_layer_grad_(
+    layer: FactorizedLinear, parts: list[tuple[str, Tensor, Tensor]], factor: float
+) -> None:
+    """Chain ``G = ∂T/∂W'`` (nonzero on a few rows/columns) through ``W' = s·V``, ``s = k·g/‖V‖``:
+    ``∂T/∂V = s·(G − ⟨G,V⟩/‖V‖²·V)``, ``∂T/∂g = ⟨G,V⟩·k/‖V‖``, ``∂T/∂b' = G_b``."""
+    V = layer.V
+    norm = V.norm()
+    s = layer.k * layer.gain / norm if layer.gain is not None else V.new_ones(())
+    dot = V.new_zeros(())  # ⟨G, V⟩ from the pair rows/columns only
+    grad_v = V.grad if V.grad is not None else torch.zeros_like(V)
+    for axis, idx, grad in parts:
+        g = grad * factor
+        if axis == "rows":
+            g_w = g[:, : V.shape[1]]
+            grad_v.index_add_(0, idx, g_w, alpha=float(s))
+            dot += (g_w * V.index_select(0, idx)).sum()
+            if layer.bias is not None:
+                g_b = g[:, V.shape[1]]
+                if layer.bias.grad is None:
+                    layer.bias.grad = torch.zeros_like(layer.bias)
+                layer.bias.grad.index_add_(0, idx, g_b)
+        else:
+            grad_v.index_add_(1, idx, g.T, alpha=float(s))
+            dot += (g.T * V.index_select(1, idx)).sum()
+    if layer.gain is not None:
+        grad_v.add_(V, alpha=-float(s * dot / (norm * norm)))
+        if layer.gain.grad is None:
+            layer.gain.grad = torch.zeros_like(layer.gain)
+        layer.gain.grad += dot * layer.k / norm
+    V.grad = grad_v
 
 
-@torch.no_grad()
 def _scan_(
     chain: FactorizedChain,
     cands: dict[tuple[int, str], PairCandidates],
@@ -316,52 +353,85 @@ def _scan_(
     tau_cos: float,
     tau_euc: float,
     cfg: TrainConfig,
-) -> tuple[dict[tuple[int, str], Tensor], dict[str, int]]:
-    """Score candidates, apply this step's fusions, and pick each RaRe axis's argmin pair.
+) -> tuple[RareTerm | None, dict[str, int]]:
+    """Score candidates, apply this step's fusions, and build the RaRe term.
 
-    One scoring serves both: fusing pairs on an axis only removes candidates there (scaling the
-    kept vector leaves its cosines unchanged); the other axis of a fused layer is re-scored.
+    One scoring serves the fusion test and the argmin pair of every RaRe axis. The ``W'`` computed
+    here is handed to the forward pass.
 
     Returns:
-        ``{(layer, axis): pair}`` for the RaRe loss, and ``{layer name: fusions}``.
+        ``1/(2c) Σ m'n' [RaRe(cols) + RaRe(rows)]`` with its gradient (``None`` when λ1 = 0),
+        and ``{layer name: fusions}``.
     """
-    best: dict[tuple[int, str], Tensor] = {}
+    values: list[Tensor] = []
+    parts: list[tuple[FactorizedLinear, str, Tensor, Tensor]] = []
     fused: dict[str, int] = {}
+    c = 0
     for li, (layer, pol) in enumerate(zip(chain.layers, chain.policies, strict=True)):
         axes = rare_axes(pol)
         if not axes:
+            c += math.prod(layer.reduced_shape)
             continue
-        W, b = layer.weight(), layer.bias_or_zeros()
-        scored: dict[str, tuple[Tensor, Tensor]] = {}
-        for axis in axes:
-            vectors = axis_vectors(W, b, axis)
-            if vectors.shape[0] >= 2:
-                pairs = cands[(li, axis)].get(vectors, step)
-                scored[axis] = (vectors, pair_cosines(vectors, pairs))
+        W = layer.weight()  # in the graph: the forward pass reuses it
+        scored = _score(W, layer, li, axes, cands, step)
         axis = fusable_axis(layer, pol) if cfg.fusion and step > 0 else None
         if axis in scored:
             cand = cands[(li, axis)]
             vectors, cos = scored[axis]
-            limit = cfg.max_pairs_per_step or max(1, vectors.shape[0] // 64)
+            limit = cfg.max_pairs_per_step or max(1, len(vectors) // 64)
             plan = plan_fusions(
                 vectors, cand.pairs, cos, axis, tau_cos, tau_euc,
                 positive_only=cand.positive_only, max_pairs=limit,
             )  # fmt: skip
             if plan is not None:
                 fuse_(layer, plan, opt)
+                cand.remap(plan.drop, len(vectors))
+                # the layer holds new parameters now: score again on them (the pairs only shrank)
+                W = layer.weight()
+                scored = _score(W, layer, li, axes, cands, None)
                 fused[pol.name] = len(plan)
-                scored[axis] = (vectors, cos[cand.remap(plan.drop, vectors.shape[0])])
-                W, b = layer.weight(), layer.bias_or_zeros()
-                for other in scored:
-                    if other != axis:
-                        vecs = axis_vectors(W, b, other)
-                        scored[other] = (vecs, pair_cosines(vecs, cands[(li, other)].pairs))
+        layer.use_weight_once(W)
+        rows, cols = layer.reduced_shape
+        c += rows * cols
         if cfg.lambda_rank > 0:
-            for ax, (_, cos) in scored.items():
+            for ax, (vectors, cos) in scored.items():
                 cand = cands[(li, ax)]
-                if cos.numel():
-                    best[(li, ax)] = cand.pairs[argmin_pair(cos, cand.positive_only)]
-    return best, fused
+                assert cand.pairs is not None
+                idx = cand.pairs[argmin_pair(cos, cand.positive_only)]
+                value, grad = rare_pair_grad(vectors.select(idx))
+                values.append(rows * cols * value)
+                parts.append((layer, ax, idx, rows * cols * grad))
+    if cfg.lambda_rank == 0:
+        return None, fused
+    value = torch.stack(values).sum() if values else chain.layers[0].V.new_zeros(())
+    return RareTerm(value / (2 * c), parts, 1.0 / (2 * c)), fused
+
+
+@torch.no_grad()
+def _score(
+    W: Tensor,
+    layer: FactorizedLinear,
+    li: int,
+    axes: list[str],
+    cands: dict[tuple[int, str], PairCandidates],
+    step: int | None,
+) -> dict[str, tuple[AxisVectors, Tensor]]:
+    """Per axis with candidates: its (detached) vectors and the candidate pairs' cosines.
+
+    ``step=None`` re-scores the current candidates without ever running a full search.
+    """
+    bias = None if layer.bias is None else layer.bias.detach()
+    scored: dict[str, tuple[AxisVectors, Tensor]] = {}
+    for axis in axes:
+        vectors = AxisVectors(W.detach(), bias, axis)
+        if len(vectors) < 2:
+            continue
+        cand = cands[(li, axis)]
+        pairs = cand.pairs if step is None else cand.get(vectors, step)
+        if pairs is None or pairs.numel() == 0:
+            continue
+        scored[axis] = (vectors, vectors.pair_cosines(pairs))
+    return scored
 
 
 def _decay_dropout(chain: FactorizedChain) -> None:

@@ -13,7 +13,7 @@ from rankshrink.fold import fold
 from rankshrink.fusion import FusionPlan, fuse_
 from rankshrink.indexed import IndexedLinear
 from rankshrink.indexmap import IndexMap
-from rankshrink.rare import axis_vectors, pair_cosines, top_pairs
+from rankshrink.rare import AxisVectors, axis_vectors, cosine_matrix, pair_cosines, top_pairs
 from rankshrink.surgery import factorize_
 
 ATOL = 1e-5  # float32 forward passes of O(1) values
@@ -125,19 +125,20 @@ def test_fusion_keeps_adam_state_of_survivors() -> None:
 def test_plan_keeps_the_shorter_vector_and_only_qualifying_pairs() -> None:
     from rankshrink.fusion import plan_fusions
 
-    vectors = torch.tensor([[1.0, 0.0], [3.0, 0.0001], [0.0, 1.0], [0.0, -2.0]])
+    vectors = AxisVectors(
+        torch.tensor([[1.0, 0.0], [3.0, 0.0001], [0.0, 1.0], [0.0, -2.0]]), None, "rows"
+    )
     pairs = top_pairs(vectors, 6, positive_only=False)
-    plan = plan_fusions(vectors, pairs, pair_cosines(vectors, pairs), "rows", 1e-4, 10.0)
+    cos = vectors.pair_cosines(pairs)
+    plan = plan_fusions(vectors, pairs, cos, "rows", 1e-4, 10.0)
     assert plan is not None
     got = {(int(d), int(k)) for d, k in zip(plan.drop, plan.keep, strict=True)}
     assert got == {(1, 0), (3, 2)}, f"expected the longer vector of each pair dropped, got {got}"
-    positive = plan_fusions(
-        vectors, pairs, pair_cosines(vectors, pairs), "rows", 1e-4, 10.0, positive_only=True
-    )
+    positive = plan_fusions(vectors, pairs, cos, "rows", 1e-4, 10.0, positive_only=True)
     assert positive is not None and len(positive) == 1, (
         "anti-parallel pair fused under positive_only"
     )
-    tight = plan_fusions(vectors, pairs, pair_cosines(vectors, pairs), "rows", 1e-4, 1e-6)
+    tight = plan_fusions(vectors, pairs, cos, "rows", 1e-4, 1e-6)
     assert tight is not None and [int(tight.drop[0])] == [3], (
         "τ_euc must exclude the inexact pair only"
     )
@@ -228,3 +229,71 @@ def test_relu_mlp_folds_to_a_plain_narrower_mlp() -> None:
     assert result.layers[0].feature_width == 7, "6 reduced rows + 1 sign-split feature expected"
     assert result.model[0].out_features == 7 and result.model[2].in_features == 7
     assert torch.allclose(result.model(x), before, atol=ATOL)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(2, 9), st.integers(1, 7), st.sampled_from(["rows", "cols"]), st.booleans(),
+    st.integers(0, 2**16),
+)  # fmt: skip
+def test_axis_vectors_match_their_dense_matrix(
+    m: int, n: int, axis: str, with_bias: bool, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    b = torch.randn(m, generator=gen, dtype=torch.float64) if with_bias else None
+    view = AxisVectors(W, b, axis)
+    dense = W.T if axis == "cols" else (W if b is None else torch.cat([W, b[:, None]], 1))
+    assert torch.equal(view.dense(), dense), "AxisVectors.dense() != [W'|b'] rows / W' columns"
+    assert torch.allclose(view.cosine_matrix(), cosine_matrix(dense), atol=1e-12), (
+        "Gram-based cosine matrix differs from the dense one"
+    )
+    if len(view) >= 2:
+        pairs = top_pairs(view, 5, positive_only=False)
+        assert torch.allclose(view.pair_cosines(pairs), pair_cosines(dense, pairs), atol=1e-12), (
+            "pair cosines through AxisVectors differ from the dense ones"
+        )
+        full = cosine_matrix(dense).abs()
+        best = full[pairs[0, 0], pairs[0, 1]]
+        assert torch.isclose(best, full.triu(1).max()), "top pair is not the most parallel"
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.booleans(), st.booleans(), st.integers(0, 2**16))
+def test_rare_gradient_in_closed_form_equals_autograd(
+    frobenius: bool, with_bias: bool, seed: int
+) -> None:
+    """The RaRe gradient added after backward is autograd's gradient of the argmin pairs' terms."""
+    from rankshrink.rare import rare_pair_grad, rare_value
+    from rankshrink.train import RareTerm
+
+    torch.manual_seed(seed)
+    layer = FactorizedLinear(nn.Linear(7, 5, bias=with_bias).double(), frobenius=frobenius).double()
+    rows, cols = torch.tensor([1, 3]), torch.tensor([0, 6])
+    scale = 0.37
+    # oracle: autograd through the two pairs
+    W = layer.weight()
+    value = sum(
+        w * rare_value(AxisVectors(W, layer.bias, axis).pair_cosines(idx[None])[0])
+        for axis, idx, w in (("rows", rows, 3.0), ("cols", cols, 2.0))
+    )
+    (scale * value).backward()
+    want = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    layer.zero_grad(set_to_none=True)
+    # closed form, added to empty gradients
+    with torch.no_grad():
+        Wd = layer.weight()
+        bias = None if layer.bias is None else layer.bias.detach()
+        parts, closed_value = [], 0.0
+        for axis, idx, w in (("rows", rows, 3.0), ("cols", cols, 2.0)):
+            val, grad = rare_pair_grad(AxisVectors(Wd, bias, axis).select(idx))
+            parts.append((layer, axis, idx, w * grad))
+            closed_value += w * float(val)
+    assert abs(closed_value - float(value)) < 1e-10, "closed-form RaRe value != autograd's"
+    RareTerm(value.detach(), parts, scale).add_grad_(1.0)
+    for name, p in layer.named_parameters():
+        assert p.grad is not None, f"no RaRe gradient reached {name}"
+        assert torch.allclose(p.grad, want[name], atol=1e-10), (
+            f"closed-form RaRe gradient of {name} differs from autograd by "
+            f"{(p.grad - want[name]).abs().max():.3g}"
+        )

@@ -215,3 +215,42 @@ def test_accuracy_gate(small: tuple[Path, Path], tmp_path: Path) -> None:
     )
     assert res.exit_code == 3, res.output
     assert "accuracy drop" in res.output
+
+
+def test_state_dict_with_arch_factory_and_protected_axes(
+    small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, data = small
+    ckpt = torch.load(model, weights_only=True)
+    torch.save(ckpt["state_dict"], tmp_path / "sd.pt")
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(12, 48), nn.ReLU(), nn.Dropout(0.1),\n"
+        "                         nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 4))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sd.onnx"
+    res = runner.invoke(
+        app,
+        [
+            "compress",
+            "sd.pt",
+            "--arch",
+            "my_models:make",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "150",
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    layers = json.loads(out.with_suffix(".json").read_text())["layers"]
+    assert layers[0]["core_shape"][1] == 12, "columns of the input layer are protected"
+    assert layers[-1]["core_shape"][0] == 4, "rows of the output layer are protected"
+    assert any(lay["core_shape"][0] < lay["original_shape"][0] for lay in layers[:-1]), (
+        "no hidden layer shrank"
+    )
