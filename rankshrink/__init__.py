@@ -4,7 +4,8 @@ The package is layered, each layer importing only from the ones above it in this
 
 - math: :mod:`~rankshrink.indexmap`, :mod:`~rankshrink.rare`, :mod:`~rankshrink.fusion`,
   :mod:`~rankshrink.factorized`, :mod:`~rankshrink.indexed`
-- model surgery and training: :mod:`~rankshrink.arch`, :mod:`~rankshrink.chain`,
+- model surgery and training: :mod:`~rankshrink.encoder` (the Transformer sample's modules),
+  :mod:`~rankshrink.arch`, :mod:`~rankshrink.chain`,
   :mod:`~rankshrink.surgery`, :mod:`~rankshrink.train`, :mod:`~rankshrink.checkpoint`,
   :mod:`~rankshrink.data`
 - folding: :mod:`~rankshrink.fold`

@@ -1,18 +1,26 @@
-"""Self-describing architecture specs for sequential models.
+"""Self-describing architecture specs: sequential models and the Transformer encoder.
 
 A checkpoint written by rankshrink (and the bundled sample models) stores ``{"arch": spec,
-"state_dict": ...}`` where ``spec = {"type": "sequential", "layers": [...]}`` lists one dict per
-module. The spec holds only str/int/float/bool/list/dict values so that the checkpoint loads with
-``torch.load(weights_only=True)``; the weights live in the state_dict of the ``nn.Sequential`` that
-:func:`build_sequential` returns (keys ``"0.weight"``, ``"0.bias"``, ...).
+"state_dict": ...}``. Two spec types exist, dispatched on ``spec["type"]`` by :func:`build_model`:
+
+- ``{"type": "sequential", "layers": [...]}`` lists one dict per module; the weights live in the
+  state_dict of the ``nn.Sequential`` that :func:`build_sequential` returns (keys ``"0.weight"``,
+  ``"0.bias"``, ...);
+- ``{"type": "token_classifier", ...}`` describes a :class:`~rankshrink.encoder.TokenClassifier`
+  (see :mod:`rankshrink.encoder`).
+
+A spec holds only str/int/float/bool/list/dict values so that the checkpoint loads with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from rankshrink.encoder import TokenClassifier, build_encoder, encoder_spec
 from rankshrink.errors import InputError
 from rankshrink.indexed import IndexedLinear
 
@@ -135,11 +143,56 @@ def sequential_spec(model: nn.Sequential) -> dict[str, Any]:
     return {"type": "sequential", "layers": [layer_spec(m) for m in model]}
 
 
-def make_checkpoint(model: nn.Sequential, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A self-describing checkpoint dict, loadable with ``torch.load(weights_only=True)``."""
+#: spec type -> builder; the spec types a checkpoint may hold.
+_BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
+    "sequential": build_sequential,
+    "token_classifier": build_encoder,
+}
+
+
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    """Build the module any supported architecture spec describes (weights uninitialised).
+
+    Raises:
+        InputError: the spec is not a dict, its type is not supported, or the spec is invalid.
+    """
+    kind = arch.get("type") if isinstance(arch, dict) else None
+    if not isinstance(kind, str) or kind not in _BUILDERS:
+        got = kind if isinstance(arch, dict) else type(arch).__name__
+        supported = ", ".join(repr(k) for k in _BUILDERS)
+        raise InputError(f"unsupported architecture type {got!r:.40} (supported: {supported})")
+    return _BUILDERS[kind](arch)
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The architecture spec of a flat ``nn.Sequential`` or a ``TokenClassifier``.
+
+    Raises:
+        InputError: the model is neither, or holds a module a spec cannot describe.
+    """
+    if isinstance(model, TokenClassifier):
+        return encoder_spec(model)
+    if isinstance(model, nn.Sequential):
+        return sequential_spec(model)
+    raise InputError(
+        f"cannot describe a {type(model).__name__}; a checkpoint needs an nn.Sequential or a"
+        " TokenClassifier"
+    )
+
+
+def make_checkpoint(model: nn.Module, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A self-describing checkpoint dict, loadable with ``torch.load(weights_only=True)``.
+
+    Args:
+        model: a flat ``nn.Sequential`` of described modules, or a ``TokenClassifier``.
+        meta: free-form plain values stored beside the weights (description, accuracy, ...).
+
+    Raises:
+        InputError: the model's architecture cannot be described (see :func:`model_spec`).
+    """
     return {
         "format": CHECKPOINT_FORMAT,
-        "arch": sequential_spec(model),
+        "arch": model_spec(model),
         "state_dict": {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }

