@@ -48,6 +48,15 @@ class FactorizedLinear(nn.Module):
         """The effective core ``W'`` (m' × n')."""
         return self.V * self.scale_factor() if self.gain is not None else self.V
 
+    def weight_parts(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(W', c, ‖V‖_F)`` with ``W' = c · V``, computed once (``c = 1`` without Frobenius
+        normalization). The training step needs ``c`` and ``‖V‖`` again for the RaRe gradient."""
+        norm = self.V.norm()
+        if self.gain is None:
+            return self.V, torch.ones((), dtype=self.V.dtype), norm
+        c = self.k * self.gain / norm
+        return self.V * c, c, norm
+
     def bias_or_zeros(self) -> Tensor:
         return self.bias if self.bias is not None else self.V.new_zeros(self.V.shape[0])
 
@@ -68,11 +77,13 @@ class FactorizedLinear(nn.Module):
             W = self.weight()
         # index_select, not W[idx]: its gradient is an index_add, which is deterministic and far
         # cheaper than the sorted index_put that deterministic mode imposes on advanced indexing.
+        # The products are in place: their backward needs only the (constant) scales, and a
+        # fresh (m, n) result per op costs more than the op on small layers.
         if not self._p_identity:
-            W = W.index_select(0, self.P.index) * self.P.scale[:, None]  # (m, n')
-            b = None if b is None else b.index_select(0, self.P.index) * self.P.scale
+            W = W.index_select(0, self.P.index).mul_(self.P.scale[:, None])  # (m, n')
+            b = None if b is None else b.index_select(0, self.P.index).mul_(self.P.scale)
         if not self._q_identity:
-            W = W.index_select(1, self.Q.index) * self.Q.scale  # (m, n)
+            W = W.index_select(1, self.Q.index).mul_(self.Q.scale)  # (m, n)
         return F.linear(x, W, b)
 
     def dense_weight(self) -> Tensor:
@@ -93,9 +104,11 @@ class FactorizedLinear(nn.Module):
 
     def set_maps(self, P: IndexMap, Q: IndexMap) -> None:
         """Install new index maps (called by fusion only)."""
-        self.P, self.Q = P, Q
-        self._p_identity = P.is_identity()
-        self._q_identity = Q.is_identity()
+        # a fusion changes one map: only a new map needs the identity test
+        if P is not self.P:
+            self.P, self._p_identity = P, P.is_identity()
+        if Q is not self.Q:
+            self.Q, self._q_identity = Q, Q.is_identity()
 
     def extra_repr(self) -> str:
         m2, n2 = self.reduced_shape

@@ -16,6 +16,7 @@ it to track the export size); :func:`fold` builds the modules.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,12 @@ def sign_features(P: IndexMap) -> tuple[Tensor, Tensor]:
     return features, row_feature
 
 
+def feature_count(P: IndexMap) -> int:
+    """``len(sign_features(P)[0])`` without sorting: the training loop asks after every fusion."""
+    key = P.index * 2 + (P.scale < 0).long()
+    return int(torch.count_nonzero(torch.bincount(key, minlength=2 * P.reduced)))
+
+
 @dataclass(frozen=True)
 class _Plan:
     in_width: int  # exported input width (features of the previous fold, or n)
@@ -102,7 +109,7 @@ def plan_fold(modules: list[nn.Module]) -> list[_Plan | None]:
         mode: str | None = None
         if nxt is not None and (act is None or isinstance(act, HOMOGENEOUS)):
             mode = "signed" if act is None else "split"
-        feat = m2 if mode == "signed" else (len(sign_features(mod.P)[0]) if mode else None)
+        feat = m2 if mode == "signed" else (feature_count(mod.P) if mode else None)
         options: list[_Plan] = []
         in_choices = [(False, in_width if in_width is not None else mod.in_features)]
         if in_width is None and not mod._q_identity:
@@ -130,7 +137,9 @@ def export_bytes(model: nn.Sequential) -> int:
         if plan is not None:
             total += plan.bytes
         elif not isinstance(mod, PASSTHROUGH):
-            total += FLOAT_BYTES * sum(t.numel() for t in mod.state_dict().values())
+            # parameters and buffers: what state_dict() holds, without building it every call
+            tensors = itertools.chain(mod.parameters(), mod.buffers())
+            total += FLOAT_BYTES * sum(t.numel() for t in tensors)
     return total
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rankshrink.factorized import FactorizedLinear
-from rankshrink.rare import AxisVectors
+from rankshrink.rare import ScoredPairs
 
 _EPS = 1e-12
 
@@ -34,17 +34,18 @@ class FusionPlan:
         return int(self.drop.numel())
 
 
-def euclidean_gap(a_drop: Tensor, a_keep: Tensor, cos: Tensor) -> Tensor:
-    """``D_euc = ‖a_i·‖a_j‖/‖a_i‖ − sign(cos)·a_j‖`` (paper eq. 9) for rows of the inputs."""
-    ni = a_drop.norm(dim=1, keepdim=True).clamp_min(_EPS)
-    nj = a_keep.norm(dim=1, keepdim=True)
-    return (a_drop * nj / ni - torch.sign(cos)[:, None] * a_keep).norm(dim=1)
+def euclidean_gap(sq_keep: Tensor, abs_gap: Tensor) -> Tensor:
+    """``D_euc = ‖a_i·‖a_j‖/‖a_i‖ − sign(cos)·a_j‖`` (paper eq. 9) from the Gram entries.
+
+    Both vectors inside the norm have length ‖a_j‖, so ``D_euc² = 2‖a_j‖²(1 − |cos|)``: no vector
+    needs to be read. ``sq_keep`` is ‖a_j‖², ``abs_gap`` is ``1 − |cos|``. In float32 this
+    resolves ``D_euc`` down to ~1e-3·‖a_j‖, far below the thresholds in use (τ_euc = 0.1).
+    """
+    return (2.0 * sq_keep * abs_gap).clamp_min(0.0).sqrt()
 
 
 def plan_fusions(
-    vectors: AxisVectors,
-    pairs: Tensor,
-    cos: Tensor,
+    scored: ScoredPairs,
     axis: str,
     tau_cos: float,
     tau_euc: float,
@@ -54,8 +55,8 @@ def plan_fusions(
     """Choose disjoint qualifying pairs, most parallel first.
 
     Args:
-        vectors: the axis vectors (rows of ``[W'|b']`` or columns of ``W'``), detached.
-        pairs: candidate pairs (T × 2); ``cos`` their exact cosines.
+        scored: candidate pairs with their Gram entries (:meth:`AxisVectors.score`).
+        axis: ``"rows"`` or ``"cols"`` (recorded in the plan).
         tau_cos: a pair qualifies when ``1 − |cos| < tau_cos`` ...
         tau_euc: ... and ``D_euc < tau_euc``.
         positive_only: only positively parallel pairs qualify (rows before a ReLU: an
@@ -65,7 +66,8 @@ def plan_fusions(
     Returns:
         The plan, or ``None`` when nothing qualifies.
     """
-    if pairs.numel() == 0:
+    cos = scored.cos
+    if cos.numel() == 0:
         return None
     gap = 1.0 - (cos if positive_only else cos.abs())
     ok = gap < tau_cos
@@ -75,32 +77,28 @@ def plan_fusions(
         return None
     idx = torch.nonzero(ok).flatten()
     idx = idx[torch.argsort(gap[idx], stable=True)]
-    a, b = pairs[idx, 0], pairs[idx, 1]
-    va, vb = vectors.select(a), vectors.select(b)
-    na, nb = va.norm(dim=1), vb.norm(dim=1)
-    a_shorter = na < nb
-    keep = torch.where(a_shorter, a, b)
-    drop = torch.where(a_shorter, b, a)
-    v_drop = torch.where(a_shorter[:, None], vb, va)
-    v_keep = torch.where(a_shorter[:, None], va, vb)
-    euc = euclidean_gap(v_drop, v_keep, cos[idx])
+    pairs, sq = scored.pairs[idx], scored.sq[idx]
+    a_shorter = sq[:, 0] < sq[:, 1]
+    keep = torch.where(a_shorter, pairs[:, 0], pairs[:, 1])
+    drop = torch.where(a_shorter, pairs[:, 1], pairs[:, 0])
+    sq_keep = torch.where(a_shorter, sq[:, 0], sq[:, 1])
+    euc = euclidean_gap(sq_keep, gap[idx])
     used: set[int] = set()
     chosen: list[int] = []
     limit = max_pairs if max_pairs is not None else len(idx)
-    for t in range(len(idx)):
+    # plain Python lists: per-element tensor indexing would cost more than the whole plan
+    for t, (d, k, e) in enumerate(zip(drop.tolist(), keep.tolist(), euc.tolist(), strict=True)):
         if len(chosen) >= limit:
             break
-        d, k = int(drop[t]), int(keep[t])
-        if float(euc[t]) >= tau_euc or d in used or k in used:
+        if e >= tau_euc or d in used or k in used:
             continue
         used.update((d, k))
         chosen.append(t)
     if not chosen:
         return None
     sel = torch.tensor(chosen, dtype=torch.long)
-    d, k, vd, vk = drop[sel], keep[sel], v_drop[sel], v_keep[sel]
-    ratio = (vd * vk).sum(1) / (vk * vk).sum(1).clamp_min(_EPS)
-    return FusionPlan(axis, d, k, ratio)
+    ratio = scored.dot[idx[sel]] / sq_keep[sel].clamp_min(_EPS)
+    return FusionPlan(axis, drop[sel], keep[sel], ratio)
 
 
 @torch.no_grad()

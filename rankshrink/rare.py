@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -69,9 +70,50 @@ class AxisVectors:
         return gram.mul_(inv[:, None]).mul_(inv[None, :])
 
     def pair_cosines(self, pairs: Tensor) -> Tensor:
-        """Cosine of each pair ``(i, j)`` in ``pairs`` (T × 2)."""
+        """Cosine of each pair ``(i, j)`` in ``pairs`` (T × 2); differentiable."""
         a, b = self.select(pairs[:, 0]), self.select(pairs[:, 1])
         return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(_EPS)
+
+    @torch.no_grad()
+    def score(self, pairs: Tensor) -> ScoredPairs:
+        """Each pair's 2 × 2 Gram matrix and cosine, without autograd.
+
+        One gather of the pairs' weight vectors and one batched 2 × 2 product: the bias enters as
+        an outer product, so ``[W'|b']`` is never assembled. Everything fusion needs (norms, dot
+        product, cosine) follows from the Gram entries.
+        """
+        count = int(pairs.shape[0])
+        flat = pairs.reshape(-1)  # a0, b0, a1, b1, ...
+        source = self.weight.T if self.axis == "cols" else self.weight
+        X = source.index_select(0, flat).view(count, 2, -1)
+        if self.axis == "rows" and self.bias is not None:
+            bp = self.bias.index_select(0, flat).view(count, 2)
+            gram = torch.baddbmm(bp[:, :, None] * bp[:, None, :], X, X.transpose(1, 2))
+        else:
+            gram = torch.bmm(X, X.transpose(1, 2))
+        g = gram.view(count, 4)
+        sq, dot = g[:, 0::3], g[:, 1]  # views: (‖a‖², ‖b‖²) and a·b
+        cos = dot * (sq[:, 0] * sq[:, 1]).clamp_min(_EPS * _EPS).rsqrt()
+        return ScoredPairs(pairs, sq, dot, cos)
+
+
+@dataclass(frozen=True)
+class ScoredPairs:
+    """Candidate pairs scored on one axis: squared norms, dot products and cosines."""
+
+    pairs: Tensor  # (T, 2) indices (i, j)
+    sq: Tensor  # (T, 2) ‖a_i‖², ‖a_j‖²
+    dot: Tensor  # (T,) a_i · a_j
+    cos: Tensor  # (T,)
+
+    def subset(self, keep: Tensor, pairs: Tensor) -> ScoredPairs:
+        """The pairs in ``keep``, renumbered to ``pairs`` (after a fusion on this axis).
+
+        Fusion scales a kept vector by ``s > 0`` and drops its partner: cosines of the surviving
+        pairs do not change, so they need no re-scoring. (Norms and dot products do; only the
+        cosines are read after a fusion.)
+        """
+        return ScoredPairs(pairs, self.sq[keep], self.dot[keep], self.cos[keep])
 
 
 def axis_vectors(weight: Tensor, bias: Tensor, axis: str) -> Tensor:
@@ -97,21 +139,34 @@ def rare_value(cos: Tensor) -> Tensor:
     return 1.0 - cos * cos
 
 
-def rare_pair_grad(pair: Tensor) -> tuple[Tensor, Tensor]:
+def rare_pair_grad(pair: Tensor) -> tuple[float, Tensor]:
     """``1 − cos(a, b)²`` of ``pair = [a; b]`` (2 × d) and its gradient (2 × d), in closed form.
 
-    ``∂cos/∂a = b/(‖a‖‖b‖) − cos·a/‖a‖²``, so ``∂(1 − cos²)/∂a = −2·cos·∂cos/∂a``, and symmetrically
-    for ``b``.
+    ``∂cos/∂a = b/(‖a‖‖b‖) − cos·a/‖a‖²``, so ``∂(1 − cos²)/∂a = 2cos²/‖a‖²·a − 2cos/(‖a‖‖b‖)·b``
+    and symmetrically for ``b``: the gradient is a 2 × 2 matrix times the pair. The scalars are
+    computed in Python from the pair's Gram matrix — a handful of tensor ops in all, which matters
+    because this runs for every fusable axis at every step.
     """
-    sq = (pair * pair).sum(1).clamp_min(_EPS)  # ‖a‖², ‖b‖²
-    inv = sq.prod().rsqrt()
-    cos = (pair[0] * pair[1]).sum() * inv
-    grad = (pair.flip(0) * inv - pair * (cos / sq)[:, None]) * (-2.0 * cos)
-    return 1.0 - cos * cos, grad
+    (sa, d), (_, sb) = (pair @ pair.T).tolist()
+    sa, sb = max(sa, _EPS), max(sb, _EPS)
+    inv = 1.0 / math.sqrt(sa * sb)
+    cos = d * inv
+    off = -2.0 * cos * inv
+    mix = torch.tensor([[2.0 * cos * cos / sa, off], [off, 2.0 * cos * cos / sb]], dtype=pair.dtype)
+    return 1.0 - cos * cos, mix @ pair
 
 
-def top_pairs(vectors: AxisVectors | Tensor, top: int, positive_only: bool) -> Tensor:
-    """The ``top`` most parallel pairs ``(i < j)`` by |cos| (or by cos when ``positive_only``)."""
+def top_pairs(
+    vectors: AxisVectors | Tensor,
+    top: int,
+    positive_only: bool,
+    groups: Tensor | None = None,
+) -> Tensor:
+    """The ``top`` most parallel pairs ``(i < j)`` by |cos| (or by cos when ``positive_only``).
+
+    With ``groups`` (one id per vector), only pairs within one group are candidates: rows of a
+    query/key/value projection fuse within one attention head (SPEC §3).
+    """
     count = len(vectors)
     if count < 2:
         return torch.empty(0, 2, dtype=torch.long)
@@ -120,6 +175,8 @@ def top_pairs(vectors: AxisVectors | Tensor, top: int, positive_only: bool) -> T
     # one topk over the whole matrix with the lower triangle masked out: cheaper than gathering
     # the upper triangle's k(k-1)/2 entries first
     score.masked_fill_(_lower_triangle(count), -math.inf)
+    if groups is not None:
+        score.masked_fill_(groups[:, None] != groups[None, :], -math.inf)
     k = min(top, count * (count - 1) // 2)
     # Two stages: each row's best few, then the best of those. One topk over k² entries is
     # single-threaded and dominates a wide layer's search; this is ~10× cheaper. The most parallel
@@ -131,7 +188,7 @@ def top_pairs(vectors: AxisVectors | Tensor, top: int, positive_only: bool) -> T
     return torch.stack([best // per_row, col.flatten()[best]], dim=1)
 
 
-_PER_ROW = 8
+_PER_ROW = 4
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,19 +199,38 @@ def _lower_triangle(count: int) -> Tensor:
 
 @dataclass
 class PairCandidates:
-    """Candidate pairs for one layer axis, refreshed by a full search every ``refresh`` steps."""
+    """Candidate pairs for one layer axis, refreshed by a full search every ``refresh`` steps.
+
+    With ``lag > 0`` a due search runs in a background thread on a snapshot of the vectors while
+    training goes on with the current candidates, and its result replaces them exactly ``lag``
+    steps later, renumbered through the fusions that happened meanwhile. The full search is a
+    handful of large kernels that release the GIL, so on a second core it costs the training
+    loop almost nothing; waiting for it at a fixed step keeps runs deterministic.
+    """
 
     top: int
     refresh: int
     positive_only: bool
+    groups: Tensor | None = None  # group id per vector: pairs stay within a group
+    lag: int = 0  # steps between launching a background search and using it; 0: synchronous
     pairs: Tensor | None = None
     searched_at: int = -(10**9)
+    _pending: Future[Tensor] | None = None
+    _pending_log: list[tuple[Tensor, int]] = field(default_factory=list)
 
     def get(self, vectors: AxisVectors, step: int) -> Tensor:
         """The candidate pairs for the current vectors (a full search when one is due)."""
-        due = step - self.searched_at >= self.refresh
-        if self.pairs is None or due or self.pairs.numel() == 0:
-            self.pairs = top_pairs(vectors, self.top, self.positive_only)
+        if self._pending is not None and step - self.searched_at >= self.lag:
+            self._adopt()
+        if self.pairs is None or self.pairs.numel() == 0:
+            self._drop_pending()
+            self.pairs = top_pairs(vectors, self.top, self.positive_only, self.groups)
+            self.searched_at = step
+        elif step - self.searched_at >= self.refresh and self._pending is None:
+            if self.lag == 0:
+                self.pairs = top_pairs(vectors, self.top, self.positive_only, self.groups)
+            else:
+                self._launch(vectors)
             self.searched_at = step
         return self.pairs
 
@@ -163,14 +239,66 @@ class PairCandidates:
 
         Returns the mask of the pairs that stayed (to filter values computed for them).
         """
+        if self._pending is not None:
+            self._pending_log.append((dropped, size_before))
+        alive = _alive(dropped, size_before)
+        if self.groups is not None:
+            self.groups = self.groups[alive]
         if self.pairs is None or self.pairs.numel() == 0:
             return torch.zeros(0, dtype=torch.bool)
-        alive = torch.ones(size_before, dtype=torch.bool)
-        alive[dropped] = False
-        keep = alive[self.pairs].all(dim=1)
-        renumber = torch.cumsum(alive.long(), 0) - 1
-        self.pairs = renumber[self.pairs[keep]]
+        self.pairs, keep = _renumber(self.pairs, alive)
         return keep
+
+    def close(self) -> None:
+        """Wait for a background search still running (at the end of training)."""
+        self._drop_pending()
+
+    def _launch(self, vectors: AxisVectors) -> None:
+        # Snapshot: Adam updates the parameters in place while the search runs. W' is a fresh
+        # product each step, but without Frobenius normalization it *is* V, so copy both.
+        snap = AxisVectors(
+            vectors.weight.detach().clone(),
+            None if vectors.bias is None else vectors.bias.detach().clone(),
+            vectors.axis,
+        )
+        groups = None if self.groups is None else self.groups.clone()
+        self._pending = _executor().submit(top_pairs, snap, self.top, self.positive_only, groups)
+        self._pending_log = []
+
+    def _adopt(self) -> None:
+        assert self._pending is not None
+        pairs = self._pending.result()
+        for dropped, size_before in self._pending_log:
+            if pairs.numel() == 0:
+                break
+            pairs, _ = _renumber(pairs, _alive(dropped, size_before))
+        self._pending, self._pending_log = None, []
+        if pairs.numel() > 0:
+            self.pairs = pairs
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.result()  # never leave a search running behind the caller's back
+        self._pending, self._pending_log = None, []
+
+
+def _alive(dropped: Tensor, size_before: int) -> Tensor:
+    alive = torch.ones(size_before, dtype=torch.bool)
+    alive[dropped] = False
+    return alive
+
+
+def _renumber(pairs: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairs whose members are both alive, in the compacted numbering, and the keep mask."""
+    keep = alive[pairs].all(dim=1)
+    renumber = torch.cumsum(alive.long(), 0) - 1
+    return renumber[pairs[keep]], keep
+
+
+@functools.lru_cache(maxsize=1)
+def _executor() -> ThreadPoolExecutor:
+    """One worker: searches run one after another, in the order they were launched."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankshrink-search")
 
 
 def argmin_pair(cos: Tensor, positive_only: bool) -> int:

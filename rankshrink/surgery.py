@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from rankshrink.chain import HOMOGENEOUS, activation_after
 from rankshrink.factorized import FactorizedLinear
@@ -34,6 +34,9 @@ class LayerPolicy:
     positive_rows: bool  # rows fuse only with positively parallel partners
     dropouts: list[nn.Dropout] = field(default_factory=list)  # decayed as rows fuse (eq. 14)
     dropout_rates: list[float] = field(default_factory=list)
+    # group id per original row / column: fusions stay within a group (attention heads); None: one
+    row_groups: Tensor | None = None
+    col_groups: Tensor | None = None
 
 
 @dataclass

@@ -126,19 +126,21 @@ def test_plan_keeps_the_shorter_vector_and_only_qualifying_pairs() -> None:
     from rankshrink.fusion import plan_fusions
 
     vectors = AxisVectors(
-        torch.tensor([[1.0, 0.0], [3.0, 0.0001], [0.0, 1.0], [0.0, -2.0]]), None, "rows"
+        torch.tensor([[1.0, 0.0], [3.0, 0.01], [0.0, 1.0], [0.0, -2.0]]), None, "rows"
     )
     pairs = top_pairs(vectors, 6, positive_only=False)
-    cos = vectors.pair_cosines(pairs)
-    plan = plan_fusions(vectors, pairs, cos, "rows", 1e-4, 10.0)
+    scored = vectors.score(pairs)
+    assert torch.allclose(scored.cos, vectors.pair_cosines(pairs)), "Gram cosines != direct ones"
+    plan = plan_fusions(scored, "rows", 1e-4, 10.0)
     assert plan is not None
     got = {(int(d), int(k)) for d, k in zip(plan.drop, plan.keep, strict=True)}
     assert got == {(1, 0), (3, 2)}, f"expected the longer vector of each pair dropped, got {got}"
-    positive = plan_fusions(vectors, pairs, cos, "rows", 1e-4, 10.0, positive_only=True)
+    positive = plan_fusions(scored, "rows", 1e-4, 10.0, positive_only=True)
     assert positive is not None and len(positive) == 1, (
         "anti-parallel pair fused under positive_only"
     )
-    tight = plan_fusions(vectors, pairs, cos, "rows", 1e-4, 1e-6)
+    # D_euc of the inexact pair is ‖[3, .01]/‖·‖ − [1, 0]‖ ≈ 3.3e-3; of the exact one 0
+    tight = plan_fusions(scored, "rows", 1e-4, 1e-3)
     assert tight is not None and [int(tight.drop[0])] == [3], (
         "τ_euc must exclude the inexact pair only"
     )
@@ -265,7 +267,7 @@ def test_rare_gradient_in_closed_form_equals_autograd(
 ) -> None:
     """The RaRe gradient added after backward is autograd's gradient of the argmin pairs' terms."""
     from rankshrink.rare import rare_pair_grad, rare_value
-    from rankshrink.train import RareTerm
+    from rankshrink.train import LayerRare, RareTerm
 
     torch.manual_seed(seed)
     layer = FactorizedLinear(nn.Linear(7, 5, bias=with_bias).double(), frobenius=frobenius).double()
@@ -282,18 +284,49 @@ def test_rare_gradient_in_closed_form_equals_autograd(
     layer.zero_grad(set_to_none=True)
     # closed form, added to empty gradients
     with torch.no_grad():
-        Wd = layer.weight()
+        Wd, c, norm = layer.weight_parts()
         bias = None if layer.bias is None else layer.bias.detach()
-        parts, closed_value = [], 0.0
+        entry, closed_value = LayerRare(layer, c, norm), 0.0
         for axis, idx, w in (("rows", rows, 3.0), ("cols", cols, 2.0)):
             val, grad = rare_pair_grad(AxisVectors(Wd, bias, axis).select(idx))
-            parts.append((layer, axis, idx, w * grad))
+            entry.parts.append((axis, idx, w * grad))
             closed_value += w * float(val)
     assert abs(closed_value - float(value)) < 1e-10, "closed-form RaRe value != autograd's"
-    RareTerm(value.detach(), parts, scale).add_grad_(1.0)
+    RareTerm(closed_value, [entry], scale).add_grad_(1.0)
     for name, p in layer.named_parameters():
         assert p.grad is not None, f"no RaRe gradient reached {name}"
         assert torch.allclose(p.grad, want[name], atol=1e-10), (
             f"closed-form RaRe gradient of {name} differs from autograd by "
             f"{(p.grad - want[name]).abs().max():.3g}"
         )
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 6), st.integers(0, 2**16))
+def test_pairs_stay_within_their_group(heads: int, width: int, seed: int) -> None:
+    """With groups (attention heads), the search never pairs vectors of two groups, even when a
+    cross-group pair is exactly parallel; after a fusion the groups follow the renumbering."""
+    from rankshrink.rare import PairCandidates
+
+    gen = torch.Generator().manual_seed(seed)
+    count = heads * width
+    W = torch.randn(count, 4, generator=gen, dtype=torch.float64)
+    W[width] = 3.0 * W[0]  # exactly parallel, but head 0 vs head 1
+    groups = torch.arange(count) // width
+    pairs = top_pairs(AxisVectors(W, None, "rows"), count * count, False, groups)
+    assert torch.equal(groups[pairs[:, 0]], groups[pairs[:, 1]]), "a pair crosses two heads"
+    expected = heads * width * (width - 1) // 2
+    assert len(pairs) == expected, f"{len(pairs)} within-head pairs found, expected {expected}"
+    cand = PairCandidates(top=count * count, refresh=1, positive_only=False, groups=groups)
+    cand.get(AxisVectors(W, None, "rows"), 0)
+    cand.remap(torch.tensor([0]), count)
+    assert torch.equal(cand.groups, groups[1:]), "groups were not renumbered after a drop"
+
+
+@settings(max_examples=40, deadline=None)
+@given(index_maps())
+def test_feature_count_equals_sign_features(P: IndexMap) -> None:
+    """The fast feature count the training loop uses equals the fold's feature space size."""
+    from rankshrink.fold import feature_count, sign_features
+
+    assert feature_count(P) == len(sign_features(P)[0]), "feature_count != |sign features|"
