@@ -130,9 +130,9 @@ def fuse_(
         V_new[:, kept] *= s
         layer.set_maps(layer.P, layer.Q.fuse(plan.drop, plan.keep, plan.ratio / s, 1.0 / s))
 
-    _replace_(layer, "V", V_new, optimizer, alive, dim)
+    _replace_(layer, "V", V_new, optimizer, survivors, dim)
     if layer.bias is not None:
-        _replace_(layer, "bias", b, optimizer, alive if plan.axis == "rows" else None, 0)
+        _replace_(layer, "bias", b, optimizer, survivors if plan.axis == "rows" else None, 0)
     if layer.gain is not None:
         layer.gain.data = (c * V_new.norm() / layer.k).reshape(())
 
@@ -142,10 +142,12 @@ def _replace_(
     name: str,
     value: Tensor,
     optimizer: torch.optim.Optimizer | None,
-    alive: Tensor | None,
+    keep: Tensor | None,
     dim: int,
 ) -> None:
     """Swap a parameter for a new one holding ``value``; carry its optimizer state across.
+
+    ``keep`` lists the surviving indices along ``dim`` (``None``: the shape did not change).
 
     A new ``Parameter`` is needed because autograd caches a leaf's shape in its gradient
     accumulator: changing ``.data`` to another shape breaks the next backward pass.
@@ -160,7 +162,6 @@ def _replace_(
     state = optimizer.state.pop(old, None)
     if state is None:
         return
-    keep = None if alive is None else torch.nonzero(alive).flatten()
     for key, moment in list(state.items()):
         if keep is not None and isinstance(moment, Tensor) and moment.dim() > dim:
             state[key] = moment.index_select(dim, keep).contiguous()
