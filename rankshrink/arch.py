@@ -7,7 +7,9 @@ A checkpoint written by rankshrink (and the bundled sample models) stores ``{"ar
   state_dict of the ``nn.Sequential`` that :func:`build_sequential` returns (keys ``"0.weight"``,
   ``"0.bias"``, ...);
 - ``{"type": "token_classifier", ...}`` describes a :class:`~rankshrink.encoder.TokenClassifier`
-  (see :mod:`rankshrink.encoder`).
+  (see :mod:`rankshrink.encoder`);
+- ``{"type": "folded_token_classifier", ...}`` describes one that rankshrink compressed (see
+  :mod:`rankshrink.folded_encoder`).
 
 A spec holds only str/int/float/bool/list/dict values so that the checkpoint loads with
 ``torch.load(weights_only=True)``.
@@ -22,6 +24,7 @@ from torch import nn
 
 from rankshrink.encoder import TokenClassifier, build_encoder, encoder_spec
 from rankshrink.errors import InputError
+from rankshrink.folded_encoder import AttentionWithOut, build_folded, folded_spec
 from rankshrink.indexed import IndexedLinear
 
 CHECKPOINT_FORMAT = "rankshrink.checkpoint/1"
@@ -147,6 +150,7 @@ def sequential_spec(model: nn.Sequential) -> dict[str, Any]:
 _BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "sequential": build_sequential,
     "token_classifier": build_encoder,
+    "folded_token_classifier": build_folded,
 }
 
 
@@ -171,6 +175,8 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         InputError: the model is neither, or holds a module a spec cannot describe.
     """
     if isinstance(model, TokenClassifier):
+        if any(isinstance(m, AttentionWithOut) for m in model.modules()):
+            return folded_spec(model)  # compressed by rankshrink
         return encoder_spec(model)
     if isinstance(model, nn.Sequential):
         return sequential_spec(model)

@@ -34,7 +34,8 @@ SUPPORTED = (
     nn.BatchNorm1d,
     nn.Flatten,
 )
-#: Attention modules: a model holding one is a Transformer, which chains cannot express yet.
+#: Attention modules: a model holding one is a Transformer, which is no chain (see
+#: :mod:`rankshrink.transformer_surgery`).
 ATTENTION = (SelfAttention, nn.MultiheadAttention)
 
 
@@ -65,13 +66,12 @@ def prepare_chain(model: nn.Module) -> nn.Sequential:
             sequential chain of supported modules, or has no ``nn.Linear``.
     """
     # Name the real reason for a Transformer up front; flatten_sequential would only say "found
-    # TokenClassifier", which reads like a bug rather than a feature that is not there yet.
+    # TokenClassifier". The pipeline routes Transformers to transformer_surgery instead.
     attention = next((m for m in model.modules() if isinstance(m, ATTENTION)), None)
     if attention is not None:
         raise UnsupportedModelError(
-            f"Transformer compression is not supported yet: {type(model).__name__} contains"
-            f" {type(attention).__name__}; rankshrink compresses sequential chains"
-            " (Linear, activations, BatchNorm1d, Dropout, Flatten) only"
+            f"{type(model).__name__} contains {type(attention).__name__}: a Transformer is not a"
+            " sequential chain (use rankshrink.transformer_surgery.factorize_transformer_)"
         )
     modules = [copy.deepcopy(m) for m in flatten_sequential(model)]
     if not any(isinstance(m, nn.Linear) for m in modules):

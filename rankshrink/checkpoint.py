@@ -25,6 +25,8 @@ from torch import nn
 
 from rankshrink.arch import CHECKPOINT_FORMAT, build_model, make_checkpoint
 from rankshrink.errors import InputError, UnsafeCheckpointError
+from rankshrink.indexed import IndexedLinear
+from rankshrink.pickles import pickle_globals, unsafe_globals
 
 
 @dataclass
@@ -111,13 +113,13 @@ def load_model(
 
 
 def _refuse_torchscript(path: Path) -> None:
-    if not zipfile.is_zipfile(path):
-        return
     try:
+        if not zipfile.is_zipfile(path):
+            return
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return
+    except Exception:  # BadZipFile, OSError, UnicodeDecodeError on a garbled name, ...
+        return  # not a readable zip: torch.load will say what is wrong with it
     if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
         raise InputError(
             f"{path} is a TorchScript archive; rankshrink needs a state_dict or checkpoint"
@@ -129,13 +131,15 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        names = _unsafe_globals(path)
+        scan = pickle_globals(path)
+        names = unsafe_globals(scan.globals)
         if not names:  # not a refusal of globals: the bytes are simply not a pickle we can read
-            raise InputError(f"{path} is not a readable checkpoint ({_first_line(exc)})") from None
+            raise InputError(
+                f"{path} is not a readable checkpoint ({_unpickling_detail(exc)})"
+            ) from None
         if not trust_pickle:
-            listed = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
             raise UnsafeCheckpointError(
-                f"{path} is a pickled object that would import {listed} when loaded;"
+                f"{path} is a pickled object that would import {_listed(names)} when loaded;"
                 " refusing (pass --trust-pickle only if you trust the file's author)"
             ) from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... for bad bytes
@@ -143,16 +147,26 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})"
         ) from None
     try:
+        if scan.container == "pickle":  # pickle.dump'ed, not torch.save'd: torch.load wants a
+            with open(path, "rb") as fh:  # torch header and would fail after running the file
+                return pickle.load(fh)
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise InputError(f"{path} could not be unpickled ({_first_line(exc)})") from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:
-        return []
+def _unpickling_detail(exc: BaseException) -> str:
+    """torch's weights-only refusal is a paragraph of advice; its last part names the problem."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+        return " ".join(detail.split())[:160]
+    return _first_line(exc)
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -184,6 +198,22 @@ def _build_from_factory(arch: str) -> nn.Module:
 def _load_state(model: nn.Module, state: Any, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise InputError(f"{path}: state_dict missing or not a dict with string keys")
+    expected = model.state_dict()
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise InputError(
+                f"{path}: state_dict entry {name} is a {type(value).__name__}, not a tensor"
+            )
+        if value.layout != torch.strided or value.is_meta or value.is_quantized:
+            raise InputError(f"{path}: tensor {name} is not a dense tensor with data")
+        want = expected.get(name)
+        # load_state_dict would copy complex into real (dropping the imaginary part), floats into
+        # integer index maps (truncating), bools into weights: all silently. Refuse instead.
+        if want is not None and _kind(value.dtype) != _kind(want.dtype):
+            raise InputError(
+                f"{path}: tensor {name} has dtype {str(value.dtype).removeprefix('torch.')},"
+                f" expected {str(want.dtype).removeprefix('torch.')}"
+            )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -191,11 +221,54 @@ def _load_state(model: nn.Module, state: Any, path: Path) -> None:
         raise InputError(f"{path}: weights do not match the architecture ({detail})") from None
 
 
+def _kind(dtype: torch.dtype) -> str:
+    """What a tensor's values mean: precision may change on load, the kind may not."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
 def _checked(model: nn.Module, path: Path) -> nn.Module:
+    """Refuse weights that are not finite and index maps that point outside their layer."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.dtype.is_complex or tensor.is_meta or tensor.layout != torch.strided:
+            raise InputError(f"{path}: tensor {name} is not a dense real tensor ({tensor.dtype})")
         if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
             raise InputError(f"{path}: tensor {name} holds NaN or Inf values")
+    for name, module in model.named_modules():
+        if isinstance(module, IndexedLinear):
+            _check_indexed(module, f"{name}." if name else "", path)
     return model
+
+
+def _check_indexed(layer: IndexedLinear, prefix: str, path: Path) -> None:
+    """An index map read from a file must stay inside the tensor it indexes (else the forward
+    reads out of bounds or, in ONNX, fails at run time), and its scales must match it."""
+    rows, cols = layer.weight.shape
+    maps = (
+        ("in_index", layer.in_index, layer.in_scale, "in_scale", layer.in_features, cols),
+        ("out_index", layer.out_index, layer.out_scale, "out_scale", rows, None),
+    )
+    for name, index, scale, scale_name, bound, width in maps:
+        if index is None:
+            continue
+        if scale is None or scale.shape != index.shape:
+            raise InputError(
+                f"{path}: {prefix}{scale_name} must have the shape of {prefix}{name}"
+                f" {tuple(index.shape)}, got {None if scale is None else tuple(scale.shape)}"
+            )
+        if width is not None and (index.dim() != 2 or index.shape[0] != width):
+            raise InputError(
+                f"{path}: {prefix}{name} must have shape ({width}, groups) to feed a core of"
+                f" {cols} columns, got {tuple(index.shape)}"
+            )
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= bound):
+            raise InputError(
+                f"{path}: {prefix}{name} holds indices outside [0, {bound})"
+                f" (found {int(index.min())}..{int(index.max())})"
+            )
 
 
 def save_checkpoint(model: nn.Sequential, meta: dict[str, Any]) -> dict[str, Any]:

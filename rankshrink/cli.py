@@ -15,6 +15,7 @@ import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand
 
 from rankshrink import __version__
 from rankshrink.errors import GateError, InputError, RankshrinkError
@@ -30,6 +32,32 @@ from rankshrink.onnx_export import ExportConfig
 from rankshrink.outputs import check_outputs, write_all
 from rankshrink.train import StepStats, TrainConfig
 from rankshrink.verify import Tolerances
+
+# click's UsageError (typer vendors click and exports only this subclass of it)
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+class _OneLineUsageError(_UsageError):  # type: ignore[misc,valid-type]
+    """A usage error shown as one line, like every other bad input (SPEC §6), not click's
+    four-line usage block."""
+
+    def show(self, file: Any = None) -> None:
+        ctx = getattr(self, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"error: {self.format_message()}{hint}", err=True)
+
+
+class _Command(TyperCommand):
+    """A command whose bad flags and arguments are reported in one line (exit 2)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except _UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # help was asked for, in effect
+                raise
+            raise _OneLineUsageError(exc.format_message(), ctx) from None  # type: ignore[attr-defined]
+
 
 app = typer.Typer(
     name="rankshrink",
@@ -55,33 +83,51 @@ class Exporter(StrEnum):
     torchscript = "torchscript"
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived."""
+class _Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    on the way up (the exporters have many) turns it into an ordinary failure."""
+
+
+@dataclass
+class _Run:
+    """What a command has done so far, for an honest message when it is interrupted."""
+
+    written: list[Path] = field(default_factory=list)
 
 
 @contextlib.contextmanager
-def _errors(console: Console) -> Iterator[None]:
+def _errors(console: Console) -> Iterator[_Run]:
     """Map the project's errors and interrupts to one line and an exit code."""
     previous = signal.getsignal(signal.SIGTERM)
+    run = _Run()
 
     def on_term(_signum: int, _frame: Any) -> None:
         raise _Terminated()
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        yield run
     except RankshrinkError as exc:
         # the message quotes user paths, which may contain [markup]
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]: stopped cleanly, nothing was written")
+        console.print(f"[red]interrupted[/red]: {_stopped(run)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except _Terminated:
-        console.print("[red]terminated[/red]: stopped cleanly, nothing was written")
+        console.print(f"[red]terminated[/red]: {_stopped(run)}", highlight=False, soft_wrap=True)
         raise typer.Exit(143) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(run: _Run) -> str:
+    if not run.written:
+        return "stopped cleanly, nothing was written"
+    # The signal came while the outputs were being renamed into place; that step is held back
+    # from interrupts (see outputs.signals_deferred), so they are complete.
+    names = ", ".join(escape(str(p)) for p in run.written)
+    return f"stopped after writing {names} (complete)"
 
 
 def _err_console() -> Console:
@@ -109,7 +155,7 @@ def _require_finite(**flags: float | None) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def compress(
     model: Annotated[
         str,
@@ -144,11 +190,11 @@ def compress(
     tau_cos: Annotated[float, typer.Option(help="Fusion threshold on 1 − |cos|.")] = 1e-4,
     tau_euc: Annotated[float, typer.Option(help="Fusion threshold on the Euclidean gap.")] = 0.1,
     target_ratio: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Export size to aim for, relative to the original; the fusion thresholds relax until the run is on track."
+            help="Export size to aim for, relative to the original; the fusion thresholds relax until the run is on track. [default: 0.6 for MLPs, 0.7 for Transformers]"
         ),
-    ] = 0.6,
+    ] = None,
     no_target: Annotated[
         bool,
         typer.Option(
@@ -218,7 +264,7 @@ def compress(
 
     console = _console(quiet)
     err = _err_console()
-    with _errors(err):
+    with _errors(err) as run:
         _require(
             bool(data),
             "compress needs --data FILE (inputs x, optional labels y) to fine-tune and verify",
@@ -240,7 +286,10 @@ def compress(
         _require(lambda_rank >= 0 and lambda_l2 >= 0, "--lambda-rank and --lambda-l2 must be ≥ 0")
         _require(0 < tau_cos <= 1, f"--tau-cos must be in (0, 1], got {tau_cos}")
         _require(tau_euc > 0, f"--tau-euc must be positive, got {tau_euc}")
-        _require(0 < target_ratio < 1, f"--target-ratio must be in (0, 1), got {target_ratio}")
+        _require(
+            target_ratio is None or 0 < target_ratio < 1,
+            f"--target-ratio must be in (0, 1), got {target_ratio}",
+        )
         _require(export_atol > 0, f"--export-atol must be positive, got {export_atol}")
         _require(
             min_agreement is None or 0 <= min_agreement <= 1, "--min-agreement must be in [0, 1]"
@@ -269,7 +318,7 @@ def compress(
                 tau_euc=tau_euc,
                 fusion=not no_fusion,
                 distill=distill,
-                target_ratio=None if no_target or no_fusion else target_ratio,
+                target_ratio=None if no_target or no_fusion else target_ratio or 0.6,
                 seed=seed,
             ),
             frobenius=not no_frobenius,
@@ -277,6 +326,8 @@ def compress(
             export=ExportConfig(exporter=exporter.value, opset=opset),
             tolerances=Tolerances(export_atol, max_accuracy_drop, min_agreement),
             max_bytes=max_bytes,
+            # no --target-ratio: the pipeline picks the model family's default
+            auto_target=target_ratio is None and not (no_target or no_fusion),
         )
         result = _run_with_progress(
             console, quiet, lambda progress, stage: run_compress(cfg, progress, stage), steps
@@ -289,7 +340,7 @@ def compress(
                 buf = io.BytesIO()
                 torch.save(result.checkpoint, buf)
                 files[Path(save_pt)] = buf.getvalue()
-        write_all(files)
+        write_all(files, on_done=run.written.extend)
         _print_result(console, rep)
         if result.gate_failures:
             raise GateError(
@@ -337,7 +388,7 @@ def _print_result(console: Console, rep: dict[str, Any]) -> None:
     console.print(f"verification {status}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def verify(
     model: Annotated[str, typer.Argument(help="The original checkpoint.")],
     onnx_file: Annotated[
@@ -398,7 +449,7 @@ def verify(
             raise GateError("; ".join(result.failures))
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
     model: Annotated[str, typer.Argument(help="A checkpoint.")],
     arch: Annotated[str | None, typer.Option(help="module:factory for a bare state_dict.")] = None,

@@ -7,6 +7,7 @@ is made. The held-out part is used for verification only, never for training.
 
 from __future__ import annotations
 
+import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from rankshrink.errors import InputError
+from rankshrink.pickles import pickle_globals, unsafe_globals
 
 
 @dataclass
@@ -92,6 +94,15 @@ def _read(path: Path) -> dict[str, Any]:
             return obj
     except InputError:
         raise
+    except pickle.UnpicklingError as exc:
+        names = unsafe_globals(pickle_globals(path).globals)
+        if names:  # a data file has no business importing anything: never offer to trust it
+            listed = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+            raise InputError(
+                f"{path} holds pickled objects that would import {listed}; a data file must hold"
+                " only tensors or arrays"
+            ) from None
+        raise InputError(f"{path} is not a readable {suffix} data file ({_short(exc)})") from None
     except (zipfile.BadZipFile, ValueError, OSError, RuntimeError, EOFError, KeyError) as exc:
         raise InputError(f"{path} is not a readable {suffix} data file ({_short(exc)})") from None
     except Exception as exc:  # pickle and safetensors raise their own types on bad bytes

@@ -10,6 +10,7 @@ with scale ×r/s, those at j keep scale ×1/s. When ``a_i = r·a_j`` exactly, th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +35,15 @@ class FusionPlan:
         return int(self.drop.numel())
 
 
-def euclidean_gap(sq_keep: Tensor, abs_gap: Tensor) -> Tensor:
+def euclidean_gap(sq_keep: float, abs_gap: float) -> float:
     """``D_euc = ‖a_i·‖a_j‖/‖a_i‖ − sign(cos)·a_j‖`` (paper eq. 9) from the Gram entries.
 
     Both vectors inside the norm have length ‖a_j‖, so ``D_euc² = 2‖a_j‖²(1 − |cos|)``: no vector
-    needs to be read. ``sq_keep`` is ‖a_j‖², ``abs_gap`` is ``1 − |cos|``. In float32 this
-    resolves ``D_euc`` down to ~1e-3·‖a_j‖, far below the thresholds in use (τ_euc = 0.1).
+    needs to be read. ``sq_keep`` is ‖a_j‖², ``abs_gap`` is ``1 − |cos|``. From float32 Gram
+    entries this resolves ``D_euc`` down to ~1e-3·‖a_j‖, far below the thresholds in use
+    (τ_euc = 0.1).
     """
-    return (2.0 * sq_keep * abs_gap).clamp_min(0.0).sqrt()
+    return math.sqrt(max(2.0 * sq_keep * abs_gap, 0.0))
 
 
 def plan_fusions(
@@ -73,32 +75,35 @@ def plan_fusions(
     ok = gap < tau_cos
     if positive_only:
         ok &= cos > 0
-    if not bool(ok.any()):
-        return None
     idx = torch.nonzero(ok).flatten()
-    idx = idx[torch.argsort(gap[idx], stable=True)]
-    pairs, sq = scored.pairs[idx], scored.sq[idx]
-    a_shorter = sq[:, 0] < sq[:, 1]
-    keep = torch.where(a_shorter, pairs[:, 0], pairs[:, 1])
-    drop = torch.where(a_shorter, pairs[:, 1], pairs[:, 0])
-    sq_keep = torch.where(a_shorter, sq[:, 0], sq[:, 1])
-    euc = euclidean_gap(sq_keep, gap[idx])
+    if idx.numel() == 0:
+        return None
+    # The qualifying pairs are few; a handful of scalars each is cheaper in Python than a
+    # dozen tensor ops (this runs for every fusable axis at every step).
+    rows = torch.stack([gap[idx], scored.sq[idx, 0], scored.sq[idx, 1], scored.dot[idx]], 1)
+    pairs = scored.pairs[idx].tolist()
+    limit = max_pairs if max_pairs is not None else len(pairs)
     used: set[int] = set()
-    chosen: list[int] = []
-    limit = max_pairs if max_pairs is not None else len(idx)
-    # plain Python lists: per-element tensor indexing would cost more than the whole plan
-    for t, (d, k, e) in enumerate(zip(drop.tolist(), keep.tolist(), euc.tolist(), strict=True)):
-        if len(chosen) >= limit:
+    drop: list[int] = []
+    keep: list[int] = []
+    ratio: list[float] = []
+    for (g, sq_a, sq_b, dot), (a, b) in sorted(
+        zip(rows.tolist(), pairs, strict=True), key=lambda t: t[0][0]
+    ):
+        if len(drop) >= limit:
             break
-        if e >= tau_euc or d in used or k in used:
+        k, d, sq_keep = (a, b, sq_a) if sq_a < sq_b else (b, a, sq_b)
+        if euclidean_gap(sq_keep, g) >= tau_euc or d in used or k in used:
             continue
         used.update((d, k))
-        chosen.append(t)
-    if not chosen:
+        drop.append(d)
+        keep.append(k)
+        ratio.append(dot / max(sq_keep, _EPS))
+    if not drop:
         return None
-    sel = torch.tensor(chosen, dtype=torch.long)
-    ratio = scored.dot[idx[sel]] / sq_keep[sel].clamp_min(_EPS)
-    return FusionPlan(axis, drop[sel], keep[sel], ratio)
+    return FusionPlan(
+        axis, torch.tensor(drop), torch.tensor(keep), torch.tensor(ratio, dtype=cos.dtype)
+    )
 
 
 @torch.no_grad()

@@ -18,9 +18,14 @@ import onnx
 import torch
 from torch import nn
 
-from rankshrink.errors import RankshrinkError
+from rankshrink.errors import RankshrinkError, UnsupportedModelError
 
 EXPORTERS = ("dynamo", "torchscript")
+
+#: Weights beyond this many bytes make torch's exporters write ONNX external-data files beside
+#: the model (protobuf cannot hold 2 GB in one message). rankshrink writes single-file ONNX only:
+#: its outputs are staged, renamed, sized and gated as one file each.
+SINGLE_FILE_LIMIT = 1536 * 1024 * 1024
 
 
 class ExportError(RankshrinkError):
@@ -76,9 +81,42 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: Export
                 )
     except Exception as exc:  # the exporters raise many unrelated types
         raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_first(exc)}") from None
+    refuse_external_data(path)
     _strip_metadata(path)
     check_onnx(path)
     return onnx_size(path)
+
+
+def check_single_file(model: nn.Module) -> None:
+    """Refuse a model whose weights are too big for a single-file ONNX export (before training).
+
+    Raises:
+        UnsupportedModelError: the parameters and buffers exceed :data:`SINGLE_FILE_LIMIT`.
+    """
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if size > SINGLE_FILE_LIMIT:
+        raise UnsupportedModelError(
+            f"the model holds {size / 2**30:.2f} GiB of weights; rankshrink writes single-file"
+            f" ONNX, which holds at most {SINGLE_FILE_LIMIT / 2**30:.1f} GiB (larger exports need"
+            " external-data files, not supported yet)"
+        )
+
+
+def refuse_external_data(path: Path) -> None:
+    """Refuse an export that put weights in external-data files beside ``path``.
+
+    Raises:
+        ExportError: some initializer lives outside the ``.onnx`` file.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    external = [
+        t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    if external:
+        raise ExportError(
+            f"the exporter stored {len(external)} weight tensors in external-data files (a model"
+            " over the single-file ONNX limit); rankshrink writes single-file ONNX only"
+        )
 
 
 def _strip_metadata(path: Path) -> None:
@@ -146,4 +184,14 @@ def _first(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-__all__ = ["EXPORTERS", "ExportConfig", "ExportError", "check_onnx", "export_onnx", "onnx_size"]
+__all__ = [
+    "EXPORTERS",
+    "SINGLE_FILE_LIMIT",
+    "ExportConfig",
+    "ExportError",
+    "check_onnx",
+    "check_single_file",
+    "export_onnx",
+    "onnx_size",
+    "refuse_external_data",
+]

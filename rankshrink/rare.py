@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -199,38 +198,20 @@ def _lower_triangle(count: int) -> Tensor:
 
 @dataclass
 class PairCandidates:
-    """Candidate pairs for one layer axis, refreshed by a full search every ``refresh`` steps.
-
-    With ``lag > 0`` a due search runs in a background thread on a snapshot of the vectors while
-    training goes on with the current candidates, and its result replaces them exactly ``lag``
-    steps later, renumbered through the fusions that happened meanwhile. The full search is a
-    handful of large kernels that release the GIL, so on a second core it costs the training
-    loop almost nothing; waiting for it at a fixed step keeps runs deterministic.
-    """
+    """Candidate pairs for one layer axis, refreshed by a full search every ``refresh`` steps."""
 
     top: int
     refresh: int
     positive_only: bool
     groups: Tensor | None = None  # group id per vector: pairs stay within a group
-    lag: int = 0  # steps between launching a background search and using it; 0: synchronous
     pairs: Tensor | None = None
     searched_at: int = -(10**9)
-    _pending: Future[Tensor] | None = None
-    _pending_log: list[tuple[Tensor, int]] = field(default_factory=list)
 
     def get(self, vectors: AxisVectors, step: int) -> Tensor:
         """The candidate pairs for the current vectors (a full search when one is due)."""
-        if self._pending is not None and step - self.searched_at >= self.lag:
-            self._adopt()
-        if self.pairs is None or self.pairs.numel() == 0:
-            self._drop_pending()
+        due = step - self.searched_at >= self.refresh
+        if self.pairs is None or due or self.pairs.numel() == 0:
             self.pairs = top_pairs(vectors, self.top, self.positive_only, self.groups)
-            self.searched_at = step
-        elif step - self.searched_at >= self.refresh and self._pending is None:
-            if self.lag == 0:
-                self.pairs = top_pairs(vectors, self.top, self.positive_only, self.groups)
-            else:
-                self._launch(vectors)
             self.searched_at = step
         return self.pairs
 
@@ -239,66 +220,16 @@ class PairCandidates:
 
         Returns the mask of the pairs that stayed (to filter values computed for them).
         """
-        if self._pending is not None:
-            self._pending_log.append((dropped, size_before))
-        alive = _alive(dropped, size_before)
+        alive = torch.ones(size_before, dtype=torch.bool)
+        alive[dropped] = False
         if self.groups is not None:
             self.groups = self.groups[alive]
         if self.pairs is None or self.pairs.numel() == 0:
             return torch.zeros(0, dtype=torch.bool)
-        self.pairs, keep = _renumber(self.pairs, alive)
+        keep = alive[self.pairs].all(dim=1)
+        renumber = torch.cumsum(alive.long(), 0) - 1
+        self.pairs = renumber[self.pairs[keep]]
         return keep
-
-    def close(self) -> None:
-        """Wait for a background search still running (at the end of training)."""
-        self._drop_pending()
-
-    def _launch(self, vectors: AxisVectors) -> None:
-        # Snapshot: Adam updates the parameters in place while the search runs. W' is a fresh
-        # product each step, but without Frobenius normalization it *is* V, so copy both.
-        snap = AxisVectors(
-            vectors.weight.detach().clone(),
-            None if vectors.bias is None else vectors.bias.detach().clone(),
-            vectors.axis,
-        )
-        groups = None if self.groups is None else self.groups.clone()
-        self._pending = _executor().submit(top_pairs, snap, self.top, self.positive_only, groups)
-        self._pending_log = []
-
-    def _adopt(self) -> None:
-        assert self._pending is not None
-        pairs = self._pending.result()
-        for dropped, size_before in self._pending_log:
-            if pairs.numel() == 0:
-                break
-            pairs, _ = _renumber(pairs, _alive(dropped, size_before))
-        self._pending, self._pending_log = None, []
-        if pairs.numel() > 0:
-            self.pairs = pairs
-
-    def _drop_pending(self) -> None:
-        if self._pending is not None:
-            self._pending.result()  # never leave a search running behind the caller's back
-        self._pending, self._pending_log = None, []
-
-
-def _alive(dropped: Tensor, size_before: int) -> Tensor:
-    alive = torch.ones(size_before, dtype=torch.bool)
-    alive[dropped] = False
-    return alive
-
-
-def _renumber(pairs: Tensor, alive: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairs whose members are both alive, in the compacted numbering, and the keep mask."""
-    keep = alive[pairs].all(dim=1)
-    renumber = torch.cumsum(alive.long(), 0) - 1
-    return renumber[pairs[keep]], keep
-
-
-@functools.lru_cache(maxsize=1)
-def _executor() -> ThreadPoolExecutor:
-    """One worker: searches run one after another, in the order they were launched."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="rankshrink-search")
 
 
 def argmin_pair(cos: Tensor, positive_only: bool) -> int:

@@ -2,7 +2,9 @@
 
 For each layer: near-parallel pairs of rows (of ``[W|b]``) and of columns at a cosine threshold,
 the most parallel pair, and the effective rank ``exp(H(σ/Σσ))`` (Roy & Vetterli) — what the
-fusion search would find on the trained weights before any fine-tuning.
+fusion search would find on the trained weights before any fine-tuning — and the
+Marchenko–Pastur reading of RMT-SVD (:func:`rankshrink.lowrank.mp_fit`): how many singular values
+stand above the noise bulk, and what the layer would weigh split at that rank.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankshrink.lowrank import mp_fit_svals, split_is_smaller
 from rankshrink.rare import cosine_matrix
 
 
@@ -42,6 +45,10 @@ def inspect_model(model: nn.Module, tau_cos: float = 1e-4) -> list[dict[str, Any
         sv = torch.linalg.svdvals(W)
         p = sv / sv.sum() if float(sv.sum()) > 0 else sv
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+        m, n = W.shape
+        mp = mp_fit_svals(sv, (m, n))
+        k = max(mp.rank, 1)
+        bias = 0 if mod.bias is None else mod.bias.numel()
         rows.append(
             {
                 "name": name or "(model)",
@@ -53,6 +60,10 @@ def inspect_model(model: nn.Module, tau_cos: float = 1e-4) -> list[dict[str, Any
                 "max_col_cos": col_max,
                 "effective_rank": float(torch.exp(torch.tensor(entropy))),
                 "max_rank": int(min(W.shape)),
+                "mp_rank": mp.rank,  # singular values above the MP edge
+                "mp_bulk_fraction": mp.bulk_fraction,
+                # weights + bias after an RMT-SVD split (dense when a split is not smaller)
+                "mp_params": (k * (m + n) if split_is_smaller(m, n, k) else m * n) + bias,
             }
         )
     return rows

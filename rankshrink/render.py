@@ -37,8 +37,11 @@ def progress_fields(stats: StepStats) -> dict[str, Any]:
 
 
 def layer_table(report: dict[str, Any]) -> Table:
-    """One row per Linear: original shape, W' shape, exported width, fold kind, parameters."""
-    table = Table(title="layers", title_justify="left")
+    """One row per Linear: original shape, W' shape, exported width, fold kind, parameters.
+
+    For a Transformer the caption lists each block's per-head query/key and value widths.
+    """
+    table = Table(title="layers", title_justify="left", caption=head_caption(report))
     for col in (
         "layer",
         "original (out×in)",
@@ -49,7 +52,9 @@ def layer_table(report: dict[str, Any]) -> Table:
         "params",
         "of original",
     ):
-        table.add_column(col, justify="left" if col in ("layer", "fold kind") else "right")
+        text = col in ("layer", "fold kind")
+        # a layer name stays whole (Transformer names are long); the other headers may wrap
+        table.add_column(col, justify="left" if text else "right", no_wrap=col == "layer")
     for lay in report["layers"]:
         table.add_row(
             lay["name"],
@@ -62,6 +67,18 @@ def layer_table(report: dict[str, Any]) -> Table:
             f"{lay['params'] / lay['original_params']:.1%}",
         )
     return table
+
+
+def head_caption(report: dict[str, Any]) -> str | None:
+    """``layers.0 heads: q·k 5 3 4 3, v 7 8 9 10`` per attention block, or None for an MLP."""
+    heads = report.get("attention_heads")
+    if not heads:
+        return None
+    return "\n".join(
+        f"{h['block']} heads: q·k {' '.join(map(str, h['qk_widths']))},"
+        f" v {' '.join(map(str, h['v_widths']))}"
+        for h in heads
+    )
 
 
 def summary_table(report: dict[str, Any]) -> Table:

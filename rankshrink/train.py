@@ -50,8 +50,6 @@ class TrainConfig:
     max_pairs_per_step: int | None = None  # per layer; None: max(1, axis length // 64)
     search_budget: float = 0.1  # amortized cost of full pair searches, as a fraction of a step
     search_refresh: int | None = None  # full search every N steps; None: from search_budget
-    # run due full searches on a second thread, used a few steps later (SPEC-exact: refresh 1)
-    background_search: bool = True
     seed: int = 0
 
 
@@ -168,7 +166,6 @@ def _fine_tune(
     refresh = cfg.search_refresh or _search_refresh(chain, cfg)
     # plain fine-tuning (no RaRe, no fusion) scores no pairs at all: the baseline of benchmark (a)
     scan = cfg.fusion or cfg.lambda_rank > 0
-    lag = max(1, refresh // 2) if cfg.background_search and refresh > 1 else 0
     cands = (
         {}
         if not scan
@@ -178,7 +175,6 @@ def _fine_tune(
                 refresh=refresh,
                 positive_only=axis == "rows" and pol.positive_rows,
                 groups=pol.row_groups if axis == "rows" else pol.col_groups,
-                lag=lag,
             )
             for li, (layer, pol) in enumerate(zip(layers, policies, strict=True))
             for axis in rare_axes(pol)
@@ -195,91 +191,83 @@ def _fine_tune(
     cursor = 0
     model.train()
     start = time.perf_counter()
-    try:
-        for step in range(cfg.steps):
-            # 1. Score the candidate pairs once per step; fuse what qualifies after the previous
-            #    update (the paper fuses after every step); the same scoring gives the RaRe term.
-            if scan:
-                rare, fused_now = _scan_(chain, cands, opt, step, tau_cos, tau_euc, cfg)
-            else:
-                rare, fused_now = None, {}
-            if fused_now:
-                for name, count in fused_now.items():
-                    fusions_by_layer[name] += count
-                    total_fusions += count
-                size_ratio = size_fn() / size0
-                _decay_dropout(chain)
+    for step in range(cfg.steps):
+        # 1. Score the candidate pairs once per step; fuse what qualifies after the previous
+        #    update (the paper fuses after every step); the same scoring gives the RaRe term.
+        if scan:
+            rare, fused_now = _scan_(chain, cands, opt, step, tau_cos, tau_euc, cfg)
+        else:
+            rare, fused_now = None, {}
+        if fused_now:
+            for name, count in fused_now.items():
+                fusions_by_layer[name] += count
+                total_fusions += count
+            size_ratio = size_fn() / size0
+            _decay_dropout(chain)
 
-            # 2. The batch.
-            if cursor + cfg.batch_size > n:
-                order, cursor = torch.randperm(n, generator=gen), 0
-            idx = order[cursor : cursor + cfg.batch_size]
-            cursor += cfg.batch_size
+        # 2. The batch.
+        if cursor + cfg.batch_size > n:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        idx = order[cursor : cursor + cfg.batch_size]
+        cursor += cfg.batch_size
 
-            # 3. The loss: task + λ1·RaRe + λ2·L2.
-            out = model(x[idx])
-            task = _task_loss(
-                out, None if y is None else y[idx], None if teacher is None else teacher[idx], cfg
-            )
-            l2 = torch.stack([(layer.V * layer.V).sum() for layer in layers]).mean()
-            loss = task + cfg.lambda_l2 * l2  # + λ1·RaRe, whose gradient is added after backward
+        # 3. The loss: task + λ1·RaRe + λ2·L2.
+        out = model(x[idx])
+        task = _task_loss(
+            out, None if y is None else y[idx], None if teacher is None else teacher[idx], cfg
+        )
+        l2 = torch.stack([(layer.V * layer.V).sum() for layer in layers]).mean()
+        loss = task + cfg.lambda_l2 * l2  # + λ1·RaRe, whose gradient is added after backward
 
-            rare_value = 0.0 if rare is None else rare.value
-            # 4. The update, never with non-finite values.
+        rare_value = 0.0 if rare is None else rare.value
+        # 4. The update, never with non-finite values.
+        opt.zero_grad(set_to_none=True)
+        finite = math.isfinite(float(loss.detach())) and math.isfinite(rare_value)
+        if finite:
+            loss.backward()
+            if rare is not None:
+                rare.add_grad_(cfg.lambda_rank)
+            # one fused norm over all gradients: non-finite iff any entry is
+            total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), foreach=True)
+            finite = bool(torch.isfinite(total))
+        if finite:
+            opt.step()
+            bad_in_a_row = 0
+        else:
+            skipped += 1
+            bad_in_a_row += 1
             opt.zero_grad(set_to_none=True)
-            finite = math.isfinite(float(loss.detach())) and math.isfinite(rare_value)
-            if finite:
-                loss.backward()
-                if rare is not None:
-                    rare.add_grad_(cfg.lambda_rank)
-                # one fused norm over all gradients: non-finite iff any entry is
-                total = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), float("inf"), foreach=True
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+            if bad_in_a_row >= 20:
+                raise TrainingDivergedError(
+                    f"fine-tuning diverged: non-finite loss or gradients for 20 steps in a row"
+                    f" (at step {step}); try a lower --lr or fewer --steps"
                 )
-                finite = bool(torch.isfinite(total))
-            if finite:
-                opt.step()
-                bad_in_a_row = 0
-            else:
-                skipped += 1
-                bad_in_a_row += 1
-                opt.zero_grad(set_to_none=True)
-                for group in opt.param_groups:
-                    group["lr"] *= 0.5
-                if bad_in_a_row >= 20:
-                    raise TrainingDivergedError(
-                        f"fine-tuning diverged: non-finite loss or gradients for 20 steps in a row"
-                        f" (at step {step}); try a lower --lr or fewer --steps"
-                    )
 
-            tau_cos, tau_euc = schedule.update(step, size_ratio)
-            stats = StepStats(
-                step=step + 1,
-                steps=cfg.steps,
-                loss=float(loss.detach()) + cfg.lambda_rank * rare_value
-                if finite
-                else float("nan"),
-                task_loss=float(task.detach()),
-                rare_loss=rare_value,
-                core_params=sum(math.prod(layer.reduced_shape) for layer in layers),
-                size_ratio=size_ratio,
-                fusions=total_fusions,
-                tau_cos=tau_cos,
+        tau_cos, tau_euc = schedule.update(step, size_ratio)
+        stats = StepStats(
+            step=step + 1,
+            steps=cfg.steps,
+            loss=float(loss.detach()) + cfg.lambda_rank * rare_value if finite else float("nan"),
+            task_loss=float(task.detach()),
+            rare_loss=rare_value,
+            core_params=sum(math.prod(layer.reduced_shape) for layer in layers),
+            size_ratio=size_ratio,
+            fusions=total_fusions,
+            tau_cos=tau_cos,
+        )
+        if step % 10 == 0 or step == cfg.steps - 1:
+            history.append(
+                {
+                    "step": step + 1,
+                    "loss": stats.loss,
+                    "size_ratio": size_ratio,
+                    "fusions": total_fusions,
+                }
             )
-            if step % 10 == 0 or step == cfg.steps - 1:
-                history.append(
-                    {
-                        "step": step + 1,
-                        "loss": stats.loss,
-                        "size_ratio": size_ratio,
-                        "fusions": total_fusions,
-                    }
-                )
-            if progress is not None:
-                progress(stats)
-    finally:
-        for cand in cands.values():
-            cand.close()
+        if progress is not None:
+            progress(stats)
 
     seconds = time.perf_counter() - start
     model.eval()

@@ -6,7 +6,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -305,7 +304,8 @@ def test_bad_spec_in_a_file_exits_2_naming_file_and_field(tmp_path: Path) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: inspect works, compress refuses cleanly (for now).
+# CLI: inspect; compress refuses bad data before any work (compression itself:
+# tests/test_transformer.py).
 
 
 def test_inspect_lists_every_linear_layer() -> None:
@@ -328,31 +328,9 @@ def test_inspect_lists_every_linear_layer() -> None:
 
 def _fail_if_reached(monkeypatch: pytest.MonkeyPatch) -> None:
     def reached(*_args: Any, **_kwargs: Any) -> Any:
-        raise AssertionError("an unsupported model reached fine-tuning")
+        raise AssertionError("a refused run reached fine-tuning")
 
     monkeypatch.setattr("rankshrink.pipeline.fine_tune_", reached)
-
-
-@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "verbose"])
-def test_compress_transformer_exits_2_with_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quiet: bool
-) -> None:
-    _fail_if_reached(monkeypatch)
-    monkeypatch.chdir(tmp_path)
-    out = tmp_path / "out.onnx"
-    argv = ["compress", str(SAMPLE), "--data", str(DIGITS), "--out", str(out)]
-    before = _sha(SAMPLE)
-    result = runner.invoke(app, [*argv, "--quiet"] if quiet else argv)
-    shown = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}\n{result.exception!r}"
-    assert result.exit_code == 2, shown
-    assert "Traceback" not in result.output, shown
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), shown
-    assert "Transformer compression is not supported yet" in lines[0], shown
-    if quiet:
-        assert result.stdout.strip() == "", shown
-    assert os.listdir(tmp_path) == [], "a refused run wrote files"
-    assert _sha(SAMPLE) == before
 
 
 def test_compress_transformer_with_wrong_data_width_exits_2(

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import pathlib
+import pickle
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from typer.testing import CliRunner
 
 from rankshrink.arch import make_checkpoint
 from rankshrink.cli import app
+from rankshrink.indexed import IndexedLinear
 
 runner = CliRunner()
 
@@ -172,6 +174,67 @@ def pt_data(name: str, obj: Any) -> Maker:
         return w.inputs / name
 
     return make
+
+
+def legacy_module(w: Workspace) -> Path:
+    """A full nn.Module in torch's pre-1.6 (non-zip) format: pickles back to back."""
+    torch.save(_tiny_module(), w.inputs / "legacy.pt", _use_new_zipfile_serialization=False)
+    return w.inputs / "legacy.pt"
+
+
+def plain_pickle_module(w: Workspace) -> Path:
+    """A full nn.Module written with pickle.dump, not torch.save."""
+    (w.inputs / "module.pkl").write_bytes(pickle.dumps(_tiny_module(), protocol=4))
+    return w.inputs / "module.pkl"
+
+
+def indexed(name: str, edit: Callable[[dict[str, Any]], None]) -> Maker:
+    """A checkpoint of an 8 -> 3 IndexedLinear model (segment-sum to 4, core 3x4), edited."""
+
+    def make(w: Workspace) -> Path:
+        layer = IndexedLinear(
+            torch.randn(3, 4),
+            torch.zeros(3),
+            in_index=torch.arange(8).view(4, 2),
+            in_scale=torch.ones(4, 2),
+            in_features=8,
+        )
+        ckpt = make_checkpoint(nn.Sequential(layer))
+        edit(ckpt)
+        torch.save(ckpt, w.inputs / name)
+        return w.inputs / name
+
+    return make
+
+
+def _wider_core(ckpt: dict[str, Any]) -> None:
+    ckpt["arch"]["layers"][0]["core"] = [3, 5]  # 5 columns fed by 4 index groups
+    ckpt["state_dict"]["0.weight"] = torch.zeros(3, 5)
+
+
+def _rename_key(ckpt: dict[str, Any]) -> None:
+    ckpt["state_dict"]["0.W"] = ckpt["state_dict"].pop("0.weight")
+
+
+def safetensors_file(name: str, **tensors: torch.Tensor) -> Maker:
+    def make(w: Workspace) -> Path:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(w.inputs / name))
+        return w.inputs / name
+
+    return make
+
+
+def truncated_data(w: Workspace) -> Path:
+    blob = w.data.read_bytes()
+    return raw("truncated.npz", blob[: len(blob) // 2])(w)
+
+
+def zip_named_npz(w: Workspace) -> Path:
+    with zipfile.ZipFile(w.inputs / "readme.npz", "w") as zf:
+        zf.writestr("readme.txt", "no arrays in here")
+    return w.inputs / "readme.npz"
 
 
 X = np.random.default_rng(1).normal(size=(60, 8)).astype(np.float32)
@@ -482,6 +545,154 @@ OUTPUT_CASES = [
 ]
 
 
+# Added with issue 5: containers, dtypes and index maps the first table did not reach.
+MORE_MODEL_CASES = [
+    case(
+        "model is a text file", "{model}", "not a readable", model=raw("notes.pt", b"weights: 1\n")
+    ),
+    case("model is an npz archive", "{model}", "not a readable", model=lambda w: w.data),
+    case(
+        "pickled nn.Module in the legacy format",
+        "{model}",
+        "--trust-pickle",
+        "would import",
+        "torch.nn.modules",
+        model=legacy_module,
+    ),
+    case(
+        "pickled nn.Module written by pickle.dump",
+        "{model}",
+        "--trust-pickle",
+        "would import",
+        "torch.nn.modules",
+        model=plain_pickle_module,
+        marks=pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning"),
+    ),
+    case(
+        "state_dict key renamed",
+        "{model}",
+        "do not match",
+        "0.W",
+        model=edited("ren.pt", _rename_key),
+    ),
+    case(
+        "state_dict missing a bias",
+        "{model}",
+        "do not match",
+        "2.bias",
+        model=edited("nobias.pt", lambda c: c["state_dict"].pop("2.bias")),
+    ),
+    case(
+        "state_dict with an unexpected tensor",
+        "{model}",
+        "do not match",
+        "extra",
+        model=edited("extra.pt", lambda c: _set_weight(c, "extra", torch.zeros(2))),
+    ),
+    case(
+        "Inf weights",
+        "{model}",
+        "0.weight",
+        "Inf",
+        model=edited(
+            "inf.pt", lambda c: c["state_dict"]["0.weight"].__setitem__((0, 0), float("inf"))
+        ),
+    ),
+    case(
+        "complex weights",
+        "{model}",
+        "0.weight",
+        "complex64",
+        model=edited(
+            "cplx.pt",
+            lambda c: _set_weight(c, "0.weight", torch.zeros(16, 8, dtype=torch.complex64)),
+        ),
+    ),
+    case(
+        "integer weights",
+        "{model}",
+        "0.weight",
+        "int64",
+        model=edited(
+            "int.pt", lambda c: _set_weight(c, "0.weight", torch.zeros(16, 8, dtype=torch.long))
+        ),
+    ),
+    case(
+        "state_dict entry is a string",
+        "{model}",
+        "2.bias",
+        "not a tensor",
+        model=edited("str.pt", lambda c: _set_weight(c, "2.bias", "zeros")),  # type: ignore[arg-type]
+    ),
+    case(
+        "index map pointing past the inputs",
+        "{model}",
+        "0.in_index",
+        "outside [0, 8)",
+        model=indexed("idx.pt", lambda c: c["state_dict"]["0.in_index"].__setitem__((1, 1), 8)),
+    ),
+    case(
+        "index map that does not fit its core",
+        "{model}",
+        "0.in_index",
+        "(5, groups)",
+        model=indexed("core.pt", _wider_core),
+    ),
+]
+
+MORE_DATA_CASES = [
+    case("data truncated", "{data}", "not a readable", data=truncated_data),
+    case(
+        "zip named .npz without arrays", "{data}", "no array 'x'", "readme.txt", data=zip_named_npz
+    ),
+    case("npz with no arrays at all", "{data}", "no array 'x'", "nothing", data=npz("none.npz")),
+    case("x of booleans", "{data}", "'x'", "bool", data=npz(x=X > 0, y=Y)),
+    case(
+        "x of complex numbers", "{data}", "'x'", "complex", data=npz(x=X.astype(np.complex64), y=Y)
+    ),
+    case("x one-dimensional", "{data}", "'x'", "shape", data=npz(x=X[:, 0], y=Y)),
+    case("x with an extra axis", "{data}", "(8, 1)", "do not fit", data=npz(x=X[:, :, None], y=Y)),
+    case("y two-dimensional", "{data}", "'y'", "shape", data=npz(x=X, y=Y[:, None])),
+    case("y of strings", "{data}", "'y'", "dtype", data=npz(x=X, y=Y.astype(str))),
+    case(
+        ".pt data holding pickled objects",
+        "{data}",
+        "would import",
+        "numpy",
+        data=pt_data("objects.pt", {"x": X, "y": Y}),  # numpy arrays pickle with numpy globals
+    ),
+    case(
+        ".pt data holding a list", "{data}", "list", data=pt_data("list.pt", [torch.zeros(60, 8)])
+    ),
+    case(
+        "safetensors that is not one",
+        "{data}",
+        "not a readable",
+        data=raw("bad.safetensors", b"\x10" + b"\x00" * 7 + b'{"a":1}garbage'),
+    ),
+    case(
+        "safetensors without x",
+        "{data}",
+        "no array 'x'",
+        "found: inputs",
+        data=safetensors_file("nox.safetensors", inputs=torch.zeros(60, 8)),
+    ),
+]
+
+MORE_FLAG_CASES = [
+    case("--steps not a number", "--steps", "integer", flags=("--steps", "many")),
+    case("unknown option", "--bogus", "--help", flags=("--bogus", "1")),
+    case("unknown --method", "--method", "rare", flags=("--method", "magic")),
+    case("--max-bytes 0", "--max-bytes", flags=("--max-bytes", "0")),
+    case("--min-agreement 2", "--min-agreement", flags=("--min-agreement", "2")),
+    case("--export-atol 0", "--export-atol", flags=("--export-atol", "0")),
+    case("--opset 99", "--opset", flags=("--opset", "99")),
+    case("--target-ratio 0", "--target-ratio", flags=("--target-ratio", "0")),
+    case("negative --lambda-l2", "--lambda-l2", flags=("--lambda-l2", "-0.1")),
+    case("--lr 0", "--lr", flags=("--lr", "0")),
+]
+
+
 @pytest.fixture
 def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
     """Bad input must be refused before fine-tuning or export; make reaching them an error."""
@@ -513,8 +724,19 @@ def _argv(w: Workspace, c: Case) -> tuple[list[str], Callable[[str], str]]:
     return [*argv, "--quiet"], fill
 
 
+ALL_CASES = (
+    MODEL_CASES
+    + MORE_MODEL_CASES
+    + DATA_CASES
+    + MORE_DATA_CASES
+    + FLAG_CASES
+    + MORE_FLAG_CASES
+    + OUTPUT_CASES
+)
+
+
 @pytest.mark.usefixtures("no_training")
-@pytest.mark.parametrize("c", MODEL_CASES + DATA_CASES + FLAG_CASES + OUTPUT_CASES)
+@pytest.mark.parametrize("c", ALL_CASES)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(ws: Workspace, c: Case) -> None:
     argv, fill = _argv(ws, c)  # builds the bad files
     if c.setup:
@@ -603,6 +825,40 @@ def test_hostile_pickles_never_run_without_trust_pickle(ws: Workspace) -> None:
     result = runner.invoke(app, ["inspect", str(ws.inputs / "evil_dict.pt"), "--trust-pickle"])
     assert canary.exists(), "the payload should have run with --trust-pickle"
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.usefixtures("no_training")
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+@pytest.mark.parametrize("container", ["torch zip", "torch legacy", "pickle.dump"])
+def test_hostile_pickle_in_any_container_runs_only_with_trust_pickle(
+    ws: Workspace, container: str
+) -> None:
+    """The globals are read from the opcodes in all three containers, never by unpickling."""
+    canary = ws.root / "CANARY"
+    payload = {
+        "state_dict": torch.load(ws.model, weights_only=True)["state_dict"],
+        "x": Evil(canary),
+    }
+    path = ws.inputs / "evil.pt"
+    if container == "torch zip":
+        torch.save(payload, path)
+    elif container == "torch legacy":
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    before = _tree(ws.root)
+
+    result = runner.invoke(app, ["inspect", str(path)])
+    error = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(error) == 1, result.output
+    assert "would import" in error[0] and "pathlib.Path" in error[0], error
+    assert "--trust-pickle" in error[0], error
+    assert not canary.exists(), "the payload ran without --trust-pickle"
+    assert _tree(ws.root) == before
+
+    result = runner.invoke(app, ["inspect", str(path), "--trust-pickle"])
+    assert canary.exists(), "with --trust-pickle the file is unpickled (the payload is real)"
+    assert result.exit_code == 2 and "--arch" in result.stderr, result.output  # no architecture
 
 
 # ---------------------------------------------------------------------------------------------
