@@ -69,8 +69,9 @@ class FactorizedLinear(nn.Module):
         self._next_weight = weight
 
     def forward(self, x: Tensor) -> Tensor:
-        # Materialize P·W'·Q as an (m, n) weight once per call instead of gathering activations:
-        # the index ops then cost O(m·n), independent of the batch, and the matmul is the original's.
+        # P·W'·Q is applied by expanding the weight (O(m·n) index work, independent of the batch,
+        # and the original's matmul) — or, for P, by expanding the outputs of the smaller matmul
+        # when the batch has fewer rows than the weight has columns (O(batch·m) index work).
         W, b = self._next_weight, self.bias
         self._next_weight = None
         if W is None:
@@ -78,12 +79,16 @@ class FactorizedLinear(nn.Module):
         # index_select, not W[idx]: its gradient is an index_add, which is deterministic and far
         # cheaper than the sorted index_put that deterministic mode imposes on advanced indexing.
         # The products are in place: their backward needs only the (constant) scales, and a
-        # fresh (m, n) result per op costs more than the op on small layers.
-        if not self._p_identity:
-            W = W.index_select(0, self.P.index).mul_(self.P.scale[:, None])  # (m, n')
-            b = None if b is None else b.index_select(0, self.P.index).mul_(self.P.scale)
+        # fresh result per op costs more than the op on small layers.
         if not self._q_identity:
-            W = W.index_select(1, self.Q.index).mul_(self.Q.scale)  # (m, n)
+            W = W.index_select(1, self.Q.index).mul_(self.Q.scale)  # (m', n)
+        if self._p_identity:
+            return F.linear(x, W, b)
+        if x.numel() // max(x.shape[-1], 1) < W.shape[1]:
+            z = F.linear(x, W, b)  # (..., m')
+            return z.index_select(-1, self.P.index).mul_(self.P.scale)
+        W = W.index_select(0, self.P.index).mul_(self.P.scale[:, None])  # (m, n)
+        b = None if b is None else b.index_select(0, self.P.index).mul_(self.P.scale)
         return F.linear(x, W, b)
 
     def dense_weight(self) -> Tensor:
