@@ -114,6 +114,15 @@ class ScoredPairs:
         """
         return ScoredPairs(pairs, self.sq[keep], self.dot[keep], self.cos[keep])
 
+    def best(self, positive_only: bool) -> tuple[float, int]:
+        """The most parallel pair: its score (|cos|, or cos when ``positive_only``) and index.
+
+        It is the argmin of RaRe, and it decides whether any pair can pass τ_cos this step.
+        """
+        score = self.cos if positive_only else self.cos.abs()
+        value, index = score.max(0)
+        return float(value), int(index)
+
 
 def axis_vectors(weight: Tensor, bias: Tensor, axis: str) -> Tensor:
     """The vectors compared along ``axis`` as one matrix (see :class:`AxisVectors`)."""
@@ -230,9 +239,3 @@ class PairCandidates:
         renumber = torch.cumsum(alive.long(), 0) - 1
         self.pairs = renumber[self.pairs[keep]]
         return keep
-
-
-def argmin_pair(cos: Tensor, positive_only: bool) -> int:
-    """Index (into the candidates) of the pair with the smallest RaRe term."""
-    score = cos if positive_only else cos.abs()
-    return int(torch.argmax(score))

@@ -25,7 +25,6 @@ from rankshrink.rare import (
     AxisVectors,
     PairCandidates,
     ScoredPairs,
-    argmin_pair,
     rare_pair_grad,
 )
 from rankshrink.surgery import FactorizedChain, fusable_axis, rare_axes
@@ -390,8 +389,10 @@ def _scan_(
             continue
         W, scale, norm = layer.weight_parts()  # in the graph: the forward pass reuses W
         scored = _score(W, layer, li, axes, cands, step)
+        best = {ax: sp.best(cands[(li, ax)].positive_only) for ax, sp in scored.items()}
         axis = fusable_axis(layer, pol) if cfg.fusion and step > 0 else None
-        if axis in scored:
+        # nothing can fuse unless the most parallel candidate passes τ_cos: skip the plan then
+        if axis in scored and 1.0 - best[axis][0] < tau_cos:
             cand = cands[(li, axis)]
             size = layer.reduced_shape[0 if axis == "rows" else 1]
             limit = cfg.max_pairs_per_step or max(1, size // 64)
@@ -410,6 +411,7 @@ def _scan_(
                 scored = _score(W, layer, li, [a for a in axes if a != axis], cands, None)
                 if len(survivors.pairs):
                     scored[axis] = survivors
+                best = {ax: sp.best(cands[(li, ax)].positive_only) for ax, sp in scored.items()}
                 fused[pol.name] = len(plan)
         layer.use_weight_once(W)
         rows, cols = layer.reduced_shape
@@ -418,8 +420,7 @@ def _scan_(
             entry = LayerRare(layer, scale.detach(), norm.detach())
             bias = None if layer.bias is None else layer.bias.detach()
             for ax, pairs in scored.items():
-                cand = cands[(li, ax)]
-                idx = pairs.pairs[argmin_pair(pairs.cos, cand.positive_only)]
+                idx = pairs.pairs[best[ax][1]]
                 val, grad = rare_pair_grad(AxisVectors(W.detach(), bias, ax).select(idx))
                 value += rows * cols * val
                 entry.parts.append((ax, idx, rows * cols * grad))
