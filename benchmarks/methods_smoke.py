@@ -1,4 +1,6 @@
-"""The other seed methods on the sample models, side by side (until ``rankshrink compare`` exists).
+"""The other seed methods on the sample models, side by side, in torch only.
+
+The quick variant of ``rankshrink compare`` (no ONNX export or verification; several seeds per row).
 
     PYTHONPATH=. python benchmarks/methods_smoke.py [--steps 500] [--seeds 0] [--threads 1]
         [--models mlp,transformer] [--onnx]

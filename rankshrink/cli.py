@@ -71,6 +71,9 @@ app = typer.Typer(
 
 class Method(StrEnum):
     rare = "rare"
+    svd = "svd"
+    rmt_svd = "rmt-svd"
+    layer_sparsity = "layer-sparsity"
 
 
 class AxisPolicy(StrEnum):
@@ -160,13 +163,22 @@ def compress(
     model: Annotated[
         str,
         typer.Argument(
-            help="Checkpoint: self-describing .pt, state_dict (+ --arch), or pickle (+ --trust-pickle)."
+            help="Checkpoint: self-describing .pt, state_dict (+ --arch), or pickle (+ --trust-pickle),"
+            " or a Hugging Face folder (config.json + safetensors)."
         ),
     ],
     data: Annotated[
         str,
         typer.Option(
-            help="Data file (.npz/.pt/.safetensors) with inputs x, optional labels y and split."
+            help="Data file (.npz/.pt/.safetensors) with inputs x, optional labels y and split;"
+            " for a Hugging Face folder input_ids (+ attention_mask, token_type_ids, y)."
+        ),
+    ] = "",
+    text: Annotated[
+        str,
+        typer.Option(
+            help="Hugging Face folder only: a text file, one sentence a line, tokenized with the"
+            " folder's tokenizer (instead of --data)."
         ),
     ] = "",
     out: Annotated[
@@ -180,7 +192,31 @@ def compress(
         typer.Option("--save-pt", help="Also write the compressed model as a loadable checkpoint."),
     ] = None,
     method: Annotated[Method, typer.Option(help="Compression method.")] = Method.rare,
-    steps: Annotated[int, typer.Option(help="Fine-tuning steps.")] = 1000,
+    steps: Annotated[
+        int, typer.Option(help="Fine-tuning steps (layer-sparsity: the penalized phase).")
+    ] = 1000,
+    budget: Annotated[
+        float | None,
+        typer.Option(help="svd: fraction of the Linear layers' parameters to keep. [default: 0.5]"),
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="svd: one rank for every layer (instead of --budget).")
+    ] = None,
+    tw_margin: Annotated[
+        float, typer.Option(help="rmt-svd: Tracy–Widom units kept above the MP edge.")
+    ] = 0.0,
+    min_rank: Annotated[int, typer.Option(help="svd/rmt-svd: no layer goes below this rank.")] = 1,
+    lambda_sparsity: Annotated[
+        float, typer.Option(help="layer-sparsity: weight of the negative-part group penalty.")
+    ] = 0.1,
+    refit_steps: Annotated[
+        int | None,
+        typer.Option(help="layer-sparsity: refit steps after merging. [default: --steps]"),
+    ] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option(help="Also draw the run's size and loss over the steps to this PNG file."),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Fine-tuning batch size.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     lambda_rank: Annotated[
@@ -258,13 +294,19 @@ def compress(
         bool, typer.Option("--quiet", "-q", help="No progress bar or tables; errors only.")
     ] = False,
 ) -> None:
-    """Fine-tune with RaRe + live fusion, fold, export a smaller ONNX and verify it."""
+    """Compress (RaRe + live fusion by default; or svd, rmt-svd, layer-sparsity), export a
+    smaller ONNX and verify it."""
+    from rankshrink.methods import compress_method
     from rankshrink.pipeline import CompressConfig
-    from rankshrink.pipeline import compress as run_compress
 
     console = _console(quiet)
     err = _err_console()
     with _errors(err) as run:
+        _require(not (data and text), "give --data or --text, not both")
+        if text:  # the Hugging Face pipeline tokenizes a .txt data file (rankshrink.hf_pipeline)
+            _require(Path(model).is_dir(), "--text needs a Hugging Face model folder")
+            _require(text.endswith(".txt"), f"--text must name a .txt file, got {text}")
+            data = text
         _require(
             bool(data),
             "compress needs --data FILE (inputs x, optional labels y) to fine-tune and verify",
@@ -281,6 +323,15 @@ def compress(
             min_agreement=min_agreement,
         )
         _require(steps > 0, f"--steps must be positive, got {steps}")
+        _require_finite(budget=budget, tw_margin=tw_margin, lambda_sparsity=lambda_sparsity)
+        mcfg = _method_config(
+            method, budget, rank, tw_margin, min_rank, lambda_sparsity, refit_steps, save_pt
+        )
+        if plot:
+            from rankshrink.plots import require_matplotlib
+
+            require_matplotlib()
+            _require(plot.endswith(".png"), f"--plot must end in .png, got {plot}")
         _require(batch_size > 0, f"--batch-size must be positive, got {batch_size}")
         _require(lr > 0, f"--lr must be positive, got {lr}")
         _require(lambda_rank >= 0 and lambda_l2 >= 0, "--lambda-rank and --lambda-l2 must be ≥ 0")
@@ -300,7 +351,7 @@ def compress(
         out_path = Path(out) if out else Path.cwd() / f"{model_path.stem}.rankshrink.onnx"
         _require(out_path.suffix == ".onnx", f"--out must end in .onnx, got {out_path}")
         report_path = Path(report) if report else out_path.with_suffix(".json")
-        outputs = [out_path, report_path] + ([Path(save_pt)] if save_pt else [])
+        outputs = [out_path, report_path] + [Path(p) for p in (save_pt, plot) if p]
         check_outputs(outputs, [model_path, data_path], overwrite)
 
         cfg = CompressConfig(
@@ -330,7 +381,11 @@ def compress(
             auto_target=target_ratio is None and not (no_target or no_fusion),
         )
         result = _run_with_progress(
-            console, quiet, lambda progress, stage: run_compress(cfg, progress, stage), steps
+            console,
+            quiet or method != Method.rare,  # the other methods report phases, not steps
+            lambda progress, stage: compress_method(cfg, mcfg, progress, stage),
+            steps,
+            stages=not quiet,
         )
         rep = result.report
         files = {report_path: (json.dumps(rep, indent=2) + "\n").encode()}
@@ -340,6 +395,10 @@ def compress(
                 buf = io.BytesIO()
                 torch.save(result.checkpoint, buf)
                 files[Path(save_pt)] = buf.getvalue()
+            if plot:
+                from rankshrink.plots import trajectory_png
+
+                files[Path(plot)] = trajectory_png(rep)
         write_all(files, on_done=run.written.extend)
         _print_result(console, rep)
         if result.gate_failures:
@@ -349,11 +408,64 @@ def compress(
             )
         console.print(
             f"wrote {out_path} ({rep['onnx_bytes_after']:,} bytes) and {report_path}"
-            + (f" and {save_pt}" if save_pt else "")
+            + "".join(f" and {p}" for p in (save_pt, plot) if p)
         )
 
 
-def _run_with_progress(console: Console, quiet: bool, fn: Callable[..., Any], steps: int) -> Any:
+def _method_config(
+    method: Method,
+    budget: float | None,
+    rank: int | None,
+    tw_margin: float,
+    min_rank: int,
+    lambda_sparsity: float,
+    refit_steps: int | None,
+    save_pt: str | None,
+) -> Any:
+    """Check the method-specific flags against ``--method``; return the MethodConfig."""
+    from rankshrink.methods import MethodConfig
+
+    given = {
+        "--budget": budget is not None,
+        "--rank": rank is not None,
+        "--tw-margin": tw_margin != 0.0,
+        "--min-rank": min_rank != 1,
+        "--lambda-sparsity": lambda_sparsity != 0.1,
+        "--refit-steps": refit_steps is not None,
+    }
+    allowed = {
+        Method.rare: set(),
+        Method.svd: {"--budget", "--rank", "--min-rank"},
+        Method.rmt_svd: {"--tw-margin", "--min-rank"},
+        Method.layer_sparsity: {"--lambda-sparsity", "--refit-steps"},
+    }[method]
+    extra = [flag for flag, on in given.items() if on and flag not in allowed]
+    verb = "does" if len(extra) == 1 else "do"
+    _require(not extra, f"{', '.join(extra)} {verb} not apply to --method {method.value}")
+    _require(budget is None or 0 < budget <= 1, f"--budget must be in (0, 1], got {budget}")
+    _require(budget is None or rank is None, "give --budget or --rank, not both")
+    _require(rank is None or rank > 0, f"--rank must be positive, got {rank}")
+    _require(min_rank > 0, f"--min-rank must be positive, got {min_rank}")
+    _require(tw_margin >= 0, f"--tw-margin must be ≥ 0, got {tw_margin}")
+    _require(lambda_sparsity > 0, f"--lambda-sparsity must be positive, got {lambda_sparsity}")
+    _require(refit_steps is None or refit_steps >= 0, "--refit-steps must be ≥ 0")
+    return MethodConfig(
+        method=method.value,
+        budget=0.5 if budget is None and rank is None else budget,
+        rank=rank,
+        tw_margin=tw_margin,
+        min_rank=min_rank,
+        lam=lambda_sparsity,
+        refit_steps=refit_steps,
+        checkpoint=bool(save_pt),
+    )
+
+
+def _run_with_progress(
+    console: Console, quiet: bool, fn: Callable[..., Any], steps: int, stages: bool = False
+) -> Any:
+    if quiet and stages:  # no per-step progress, but say which phase is running
+        return fn(None, lambda msg: console.print(f"[dim]{msg}…[/dim]"))
     if quiet or (not console.is_terminal and not console.file.isatty()):
         last = [0]
 
@@ -477,6 +589,109 @@ def inspect(
         else:
             console.print(f"{model}  ({loaded.source}, sha256 {loaded.sha256[:12]})")
             console.print(inspect_table(rows))
+
+
+@app.command(cls=_Command)
+def compare(
+    model: Annotated[str, typer.Argument(help="A checkpoint.")],
+    data: Annotated[str, typer.Option(help="Data file (.npz/.pt/.safetensors).")] = "",
+    budgets: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated size budgets (fractions): svd --budget, RaRe --target-ratio."
+        ),
+    ] = "0.3,0.5,0.7",
+    steps: Annotated[int, typer.Option(help="Fine-tuning steps of every run.")] = 1000,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods to run.")
+    ] = "rare,svd,rmt-svd,layer-sparsity",
+    seed: Annotated[int, typer.Option(help="Random seed (batches, split).")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="Intra-op threads for every run (0: torch's default).")
+    ] = 1,
+    out_json: Annotated[
+        str | None, typer.Option("--out-json", help="Write the table as JSON here.")
+    ] = None,
+    plot: Annotated[
+        str | None, typer.Option(help="Draw accuracy against ONNX size to this PNG file.")
+    ] = None,
+    arch: Annotated[str | None, typer.Option(help="module:factory for a bare state_dict.")] = None,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Allow unpickling a full nn.Module.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing output files.")
+    ] = False,
+) -> None:
+    """Run every method at matched budgets on the same split; print one table (+ JSON, PNG)."""
+    from rankshrink.compare import CompareConfig
+    from rankshrink.compare import compare as run_compare
+    from rankshrink.methods import METHODS
+    from rankshrink.render import compare_table
+
+    console, err = _console(), _err_console()
+    with _errors(err) as run:
+        _require(bool(data), "compare needs --data FILE (inputs x, optional labels y)")
+        _require(steps > 0, f"--steps must be positive, got {steps}")
+        _require(threads >= 0, f"--threads must be ≥ 0, got {threads}")
+        try:
+            fractions = tuple(float(b) for b in budgets.split(",") if b.strip())
+        except ValueError:
+            raise InputError(
+                f"--budgets must be comma-separated numbers, got {budgets!r}"
+            ) from None
+        _require(
+            bool(fractions) and all(0 < b < 1 for b in fractions),
+            f"--budgets must be fractions in (0, 1), got {budgets!r}",
+        )
+        chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+        bad = [m for m in chosen if m not in METHODS]
+        _require(
+            bool(chosen) and not bad,
+            f"--methods: unknown {', '.join(bad) or '(none given)'} (choose from {', '.join(METHODS)})",
+        )
+        if plot:
+            from rankshrink.plots import require_matplotlib
+
+            require_matplotlib()
+            _require(plot.endswith(".png"), f"--plot must end in .png, got {plot}")
+        model_path, data_path = Path(model), Path(data)
+        outputs = [Path(p) for p in (out_json, plot) if p]
+        check_outputs(outputs, [model_path, data_path], overwrite)
+        cfg = CompareConfig(
+            model=model_path,
+            data=data_path,
+            budgets=fractions,
+            steps=steps,
+            seed=seed,
+            methods=chosen,
+            threads=threads or None,
+            arch=arch,
+            trust_pickle=trust_pickle,
+        )
+        result = run_compare(cfg, on_run=lambda label: console.print(f"[dim]{label}…[/dim]"))
+        title = f"{model_path.name}: {steps} fine-tuning steps per run, seed {seed}"
+        console.print(compare_table(result.rows, title))
+        for s in result.skipped:
+            console.print(f"{s['method']}: not applicable — {escape(s['reason'])}")
+        files: dict[Path, bytes] = {}
+        if out_json:
+            payload = {
+                "model": str(model_path),
+                "data": str(data_path),
+                "steps": steps,
+                "seed": seed,
+                "rows": result.rows,
+                "skipped": result.skipped,
+            }
+            files[Path(out_json)] = (json.dumps(payload, indent=2) + "\n").encode()
+        if plot:
+            from rankshrink.plots import compare_png
+
+            files[Path(plot)] = compare_png(result.rows, title)
+        if files:
+            write_all(files, on_done=run.written.extend)
+            console.print("wrote " + " and ".join(str(p) for p in files))
 
 
 def _version(value: bool) -> None:

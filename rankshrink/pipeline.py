@@ -76,7 +76,7 @@ class CompressResult:
     report: dict[str, Any]
     onnx: bytes
     checkpoint: dict[str, Any]
-    fold: FoldResult | TransformerFold
+    fold: FoldResult | TransformerFold | None  # None: a method that folds nothing (methods.py)
     verification: Verification
     training: TrainReport
     gate_failures: list[str]
@@ -120,6 +120,10 @@ def compress(
         InputError: bad model or data (exit 2).
         TrainingDivergedError, ExportError: the run could not produce a trustworthy model (exit 3).
     """
+    if Path(cfg.model).is_dir():  # a Hugging Face folder: token inputs, its own export/verify
+        from rankshrink.hf_pipeline import compress_hf  # imports this module
+
+        return compress_hf(cfg, progress, stage)
     say = stage or (lambda _msg: None)
     say("loading")
     loaded, data, classifier = load_inputs(

@@ -56,11 +56,17 @@ def layer_table(report: dict[str, Any]) -> Table:
         # a layer name stays whole (Transformer names are long); the other headers may wrap
         table.add_column(col, justify="left" if text else "right", no_wrap=col == "layer")
     for lay in report["layers"]:
+        core = "×".join(map(str, lay["core_shape"]))
+        if lay.get("rank") is not None and lay["fold_kind"] != "kept":  # svd / rmt-svd
+            core += f" rank {lay['rank']}"
+        exported = "×".join(map(str, lay["weight_shape"]))
+        if lay.get("factors"):  # two MatMuls in the ONNX: B (down), then A (up)
+            exported = " · ".join("×".join(map(str, f)) for f in lay["factors"])
         table.add_row(
             lay["name"],
             "×".join(map(str, lay["original_shape"])),
-            "×".join(map(str, lay["core_shape"])),
-            "×".join(map(str, lay["weight_shape"])),
+            core,
+            exported,
             str(lay["feature_width"]),
             lay["fold_kind"],
             f"{lay['params']:,}",
@@ -128,13 +134,21 @@ def verification_lines(report: dict[str, Any]) -> list[str]:
     if ver.get("export_max_abs_diff") is not None:
         lines.append(
             f"export check: max abs diff {ver['export_max_abs_diff']:.2e} (torch vs onnxruntime,"
-            f" batches {ver['export_batches']})"
+            f" batches {ver['export_batches']}"
+            + (  # token models: also at two sequence lengths
+                f", lengths {ver['sequence_lengths']})" if ver.get("sequence_lengths") else ")"
+            )
         )
     line = (
         f"vs original on {ver['samples']} held-out samples: max abs diff {ver['max_abs_diff']:.3g}"
     )
     if ver.get("agreement") is not None:
         line += f", top-1 agreement {ver['agreement']:.2%}"
+    if ver.get("pooled_cosine_mean") is not None:  # a base token model's last hidden state
+        line += (
+            f", pooled cosine mean {ver['pooled_cosine_mean']:.4f}"
+            f" min {ver['pooled_cosine_min']:.4f}"
+        )
     lines.append(line)
     return lines
 
@@ -151,8 +165,12 @@ def inspect_table(rows: list[dict[str, Any]]) -> Table:
         "∥ col pairs",
         "max |cos| cols",
         "effective rank",
+        "MP rank",
+        "MP bulk",
+        "RMT-SVD size",
     ):
-        table.add_column(col, justify="left" if col == "layer" else "right")
+        # a layer name stays whole (Transformer names are long); the headers may wrap
+        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")
     for r in rows:
         table.add_row(
             r["name"],
@@ -162,6 +180,60 @@ def inspect_table(rows: list[dict[str, Any]]) -> Table:
             f"{r['max_row_cos']:.4f}",
             str(r["parallel_col_pairs"]),
             f"{r['max_col_cos']:.4f}",
-            f"{r['effective_rank']:.1f} / {r['max_rank']}",
+            f"{r['effective_rank']:.1f}/{r['max_rank']}",
+            # the Marchenko–Pastur reading: singular values above the noise edge, the share
+            # inside the bulk, and the layer's weight once split at that rank (SPEC §5), as a
+            # share of its weight now
+            f"{r['mp_rank']}/{r['max_rank']}",
+            f"{r['mp_bulk_fraction']:.0%}",
+            f"{r['mp_params'] / r['params']:.0%}",
         )
     return table
+
+
+def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
+    """One row per run of ``rankshrink compare`` (the original first)."""
+    table = Table(title=title, title_justify="left")
+    metric = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "agreement"
+    for col in (
+        "method",
+        "budget",
+        "params",
+        "ONNX bytes",
+        "size",
+        "test accuracy" if metric == "accuracy" else "agreement",
+        "ms, batch 1",
+        "ms, batch 256",
+        "seconds",
+    ):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    base = rows[0] if rows and rows[0]["method"] == "original" else None
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["method"], _budget(r), "", "", "", f"[red]{r['error']}[/red]")
+            continue
+        value = r.get(metric)
+        if value is None:
+            shown = "—"
+        elif metric == "accuracy":
+            shown = f"{value:.2f} %"
+            if base is not None and r is not base and base.get("accuracy") is not None:
+                shown += f" ({value - base['accuracy']:+.2f})"
+        else:
+            shown = f"{value:.2%}"
+        table.add_row(
+            r["method"],
+            _budget(r),
+            f"{r['params']:,}",
+            f"{r['onnx_bytes']:,}",
+            f"{r['onnx_ratio']:.3f}",
+            shown,
+            f"{r['latency_ms_b1']:.3f}",
+            f"{r['latency_ms_b256']:.3f}",
+            f"{r['seconds']:.1f}",
+        )
+    return table
+
+
+def _budget(row: dict[str, Any]) -> str:
+    return "—" if row.get("budget") is None else f"{row['budget']:g}"

@@ -1,0 +1,226 @@
+"""``compress`` for a Hugging Face folder: the Transformer pipeline with token inputs.
+
+The steps are :func:`rankshrink.pipeline.compress`'s — factorize (:func:`~rankshrink.hf.token_layout`
+maps BERT's module names onto the Transformer surgery), fine-tune with RaRe and live fusion, fold,
+export, verify — with what tokens change: the data is ``input_ids``/``attention_mask``/
+``token_type_ids``, the export has dynamic batch and sequence axes and three named inputs, and
+verification runs at two sequence lengths (:func:`~rankshrink.hf_onnx.verify_tokens`). The report
+has the same keys, plus the base model's pooled-cosine similarity and the padding check.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from rankshrink import __version__
+from rankshrink.arch import count_params
+from rankshrink.errors import InputError
+from rankshrink.hf import PackedTokens, TokenEncoder, load_hf_folder, token_layout
+from rankshrink.hf_onnx import export_tokens, session, token_latency_ms, verify_tokens
+from rankshrink.onnx_export import check_single_file
+from rankshrink.pipeline import (
+    DEFAULT_RECOVERY,
+    DEFAULT_TARGET_RATIO,
+    SMALL_STEP_FLOPS,
+    CompressConfig,
+    CompressResult,
+    _config_dict,
+    _intra_op_threads,
+    _layer_dict,
+    _step_flops,
+)
+from rankshrink.recovery import fine_tune_with_recovery_
+from rankshrink.token_data import load_text_data, load_token_data
+from rankshrink.train import StepStats, fine_tune_
+from rankshrink.transformer_fold import export_bytes, fold_transformer
+from rankshrink.transformer_surgery import factorize_transformer_
+
+#: Samples per forward pass when computing the distillation targets.
+TEACHER_CHUNK = 256
+
+
+def compress_hf(
+    cfg: CompressConfig,
+    progress: Callable[[StepStats], None] | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> CompressResult:
+    """Compress a BERT-family folder (see :func:`rankshrink.pipeline.compress`).
+
+    Raises:
+        InputError: bad folder or token data (exit 2); ``--arch``/``--trust-pickle`` given.
+        TrainingDivergedError, ExportError: no trustworthy model came out (exit 3).
+    """
+    say = stage or (lambda _msg: None)
+    if cfg.arch is not None or cfg.trust_pickle:
+        raise InputError(f"{cfg.model} is a Hugging Face folder; drop --arch and --trust-pickle")
+    say("loading")
+    loaded = load_hf_folder(cfg.model)
+    encoder: TokenEncoder = loaded.model  # type: ignore[assignment]
+    hf_config = loaded.meta["config"]
+    sizes = {
+        "vocab_size": int(hf_config["vocab_size"]),
+        "max_length": int(hf_config["max_position_embeddings"]),
+        "type_vocab_size": int(hf_config.get("type_vocab_size", 2)),
+        "seed": cfg.train.seed,
+    }
+    if Path(cfg.data).suffix.lower() == ".txt":  # --text: sentences, the folder's tokenizer
+        data = load_text_data(cfg.data, cfg.model, **sizes)
+    else:
+        data = load_token_data(cfg.data, **sizes)
+    base = encoder.kind == "base"
+    original = PackedTokens(encoder).eval()
+    if data.has_labels:
+        if base:
+            raise InputError(f"{cfg.data} has labels 'y', but {cfg.model} is a base model")
+        classes = int(encoder.classifier.out_features)  # type: ignore[union-attr]
+        top = int(max(data.y_train.max(), data.y_test.max()))  # type: ignore[union-attr]
+        if top >= classes:
+            raise InputError(f"{cfg.data}: label {top} is out of range for {classes} classes")
+    check_single_file(original)
+
+    train_cfg = cfg.train
+    if cfg.auto_target:
+        train_cfg = replace(train_cfg, target_ratio=DEFAULT_TARGET_RATIO["transformer"])
+    recovery = cfg.recovery if cfg.recovery is not None else DEFAULT_RECOVERY["transformer"]
+    model = copy.deepcopy(original).eval()
+    chain = factorize_transformer_(
+        model,
+        token_layout(model),
+        frobenius=cfg.frobenius,
+        axis_policy=cfg.axis_policy,
+        ffn_fusion=cfg.ffn_fusion,
+    )
+    teacher = None
+    if not data.has_labels or train_cfg.distill:
+        with torch.no_grad():  # in chunks: a (N, T, T) attention at once can be large
+            chunks = torch.split(data.x_train, TEACHER_CHUNK)
+            teacher = torch.cat([original(chunk) for chunk in chunks])
+
+    say("fine-tuning")
+    threads = torch.get_num_threads()
+    if _step_flops(chain, data.x_train, train_cfg) < SMALL_STEP_FLOPS:
+        threads = 1  # see SMALL_STEP_FLOPS: per-op overhead, not arithmetic, at this size
+    with _intra_op_threads(threads):
+        training = fine_tune_with_recovery_(
+            chain,
+            data.x_train,
+            data.y_train,
+            teacher,
+            train_cfg,
+            recovery,
+            size_fn=lambda: export_bytes(chain),
+            progress=progress,
+            fine_tune=fine_tune_,
+        )
+
+    say("folding")
+    folded = fold_transformer(chain)
+    with torch.no_grad():
+        fold_diff = float((folded.model(data.x_test) - chain.model(data.x_test)).abs().max())
+    compressed = folded.model.encoder  # type: ignore[union-attr]
+
+    say("exporting")
+    output_name = "last_hidden_state" if base else "logits"
+    example = data.x_train[: min(4, len(data.x_train))]
+    with tempfile.TemporaryDirectory(prefix="rankshrink-") as tmp:
+        before_path, after_path = Path(tmp, "original.onnx"), Path(tmp, "compressed.onnx")
+        bytes_before = export_tokens(encoder, example, before_path, cfg.export, output_name)
+        bytes_after = export_tokens(compressed, example, after_path, cfg.export, output_name)
+        say("verifying")
+        verification, checks = verify_tokens(
+            encoder, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, base
+        )
+        lat_before = lat_after = None
+        if cfg.measure_latency:
+            one = data.x_test[:1]
+            lat_before = token_latency_ms(session(before_path), one)
+            lat_after = token_latency_ms(session(after_path), one)
+        onnx_blob = after_path.read_bytes()
+
+    gate_failures = list(verification.failures)
+    if cfg.max_bytes is not None and bytes_after > cfg.max_bytes:
+        gate_failures.append(f"ONNX size {bytes_after} bytes > --max-bytes {cfg.max_bytes}")
+    params_before, params_after = count_params(encoder), count_params(compressed)
+    report = {
+        "rankshrink_version": __version__,
+        "method": "rare",
+        "input": {
+            "path": str(loaded.path),
+            "sha256": loaded.sha256,
+            "source": loaded.source,
+            "architecture": loaded.meta["architecture"],
+        },
+        "data": {
+            "path": str(cfg.data),
+            "split": data.split,
+            "train": len(data.x_train),
+            "test": len(data.x_test),
+            "labels": data.has_labels,
+            "tokens": int(data.x_train.shape[-1]),
+        },
+        "model_family": "transformer",
+        "config": _config_dict(cfg, train_cfg, recovery),
+        "params_before": params_before,
+        "params_after": params_after,
+        "param_ratio": params_after / params_before,
+        "onnx_bytes_before": bytes_before,
+        "onnx_bytes_after": bytes_after,
+        "onnx_ratio": bytes_after / bytes_before,
+        "layers": [_layer_dict(lf) for lf in folded.layers],
+        "attention_heads": folded.heads,
+        "verification": {
+            "passed": verification.passed,
+            "export_max_abs_diff": verification.export_max_abs_diff,
+            "export_batches": verification.export_batches,
+            "sequence_lengths": checks.sequence_lengths,
+            "padding_max_abs_diff": checks.padding_max_abs_diff,
+            "fold_max_abs_diff": fold_diff,
+            "max_abs_diff": verification.max_abs_diff,
+            "pooled_cosine_mean": checks.pooled_cosine_mean,
+            "pooled_cosine_min": checks.pooled_cosine_min,
+            "agreement": verification.agreement,
+            "accuracy_before": verification.accuracy_before,
+            "accuracy_after": verification.accuracy_after,
+            "samples": verification.samples,
+            "failures": verification.failures,
+        },
+        "training": {
+            "steps": training.steps,
+            "seconds": training.seconds,
+            "fusions": training.fusions,
+            "fusions_by_layer": training.fusions_by_layer,
+            "skipped_steps": training.skipped_steps,
+            "search_refresh": training.search_refresh,
+            "history": training.history,
+        },
+        "latency_ms_before": lat_before,
+        "latency_ms_after": lat_after,
+        "gates": {"passed": not gate_failures, "failures": gate_failures},
+    }
+    meta = {
+        "compressed_by": f"rankshrink {__version__}",
+        "source_sha256": loaded.sha256,
+        "method": "rare",
+        "architecture": loaded.meta["architecture"],
+    }
+    # a folded BERT has no self-describing spec yet: --save-pt gets its weights and provenance
+    checkpoint = {
+        "format": "rankshrink-hf-weights",
+        "state_dict": {k: v.detach().clone() for k, v in compressed.state_dict().items()},
+        "meta": meta,
+    }
+    return CompressResult(
+        report=report,
+        onnx=onnx_blob,
+        checkpoint=checkpoint,
+        fold=folded,
+        verification=verification,
+        training=training,
+        gate_failures=gate_failures,
+    )
