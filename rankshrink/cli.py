@@ -102,12 +102,20 @@ class _Run:
 def _errors(console: Console) -> Iterator[_Run]:
     """Map the project's errors and interrupts to one line and an exit code."""
     previous = signal.getsignal(signal.SIGTERM)
+    previous_int = signal.getsignal(signal.SIGINT)
     run = _Run()
 
     def on_term(_signum: int, _frame: Any) -> None:
+        _PENDING.append(_Terminated)
         raise _Terminated()
 
+    def on_int(_signum: int, _frame: Any) -> None:
+        _PENDING.append(KeyboardInterrupt)
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_term)
+    if previous_int is signal.default_int_handler:  # not when SIGINT is ignored (background jobs)
+        signal.signal(signal.SIGINT, on_int)
     try:
         yield run
     except RankshrinkError as exc:
@@ -122,6 +130,31 @@ def _errors(console: Console) -> Iterator[_Run]:
         raise typer.Exit(143) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
+        _PENDING.clear()
+
+
+#: Signals already raised as exceptions. Python runs a handler wherever the main thread happens
+#: to be; when that is a weakref or import-lock callback, the exception is printed and dropped
+#: ("Exception ignored in ...") and the run would go on. Every training step and every stage
+#: change re-raises a pending one (:func:`_raise_pending`).
+_PENDING: list[type[BaseException]] = []
+
+
+def _raise_pending(*_args: Any) -> None:
+    if _PENDING:
+        raise _PENDING[0]()
+
+
+def _checked(callback: Callable[..., None] | None) -> Callable[..., None]:
+    """``callback`` (or nothing) after re-raising a signal some callback swallowed."""
+
+    def call(*args: Any) -> None:
+        _raise_pending()
+        if callback is not None:
+            callback(*args)
+
+    return call
 
 
 def _stopped(run: _Run) -> str:
@@ -463,6 +496,15 @@ def _method_config(
 
 def _run_with_progress(
     console: Console, quiet: bool, fn: Callable[..., Any], steps: int, stages: bool = False
+) -> Any:
+    def run(progress: Callable[..., None] | None, stage: Callable[[str], None]) -> Any:
+        return fn(_checked(progress), _checked(stage))
+
+    return _show_progress(console, quiet, run, steps, stages)
+
+
+def _show_progress(
+    console: Console, quiet: bool, fn: Callable[..., Any], steps: int, stages: bool
 ) -> Any:
     if quiet and stages:  # no per-step progress, but say which phase is running
         return fn(None, lambda msg: console.print(f"[dim]{msg}…[/dim]"))
