@@ -39,6 +39,7 @@ from rankshrink.lowrank_layers import (
 )
 from rankshrink.onnx_export import check_single_file, export_onnx
 from rankshrink.pipeline import CompressConfig, CompressResult, compress, load_inputs
+from rankshrink.report import build_report, gate_failures, verification_dict
 from rankshrink.train import StepStats, TrainReport
 from rankshrink.transformer_surgery import is_transformer
 from rankshrink.verify import latency_ms, session, verify_export
@@ -162,24 +163,15 @@ def compress_method(
             lat_after = latency_ms(session(after_path), one)
         onnx_blob = after_path.read_bytes()
 
-    gate_failures = list(verification.failures)
-    if cfg.max_bytes is not None and bytes_after > cfg.max_bytes:
-        gate_failures.append(f"ONNX size {bytes_after} bytes > --max-bytes {cfg.max_bytes}")
+    failures = gate_failures(verification, bytes_after, cfg.max_bytes)
     training = _training(phases, bytes_after / bytes_before, mcfg.method)
-    params_before, params_after = count_params(original), count_params(compressed)
-    report: dict[str, Any] = {
-        "rankshrink_version": __version__,
-        "method": mcfg.method,
-        "input": {"path": str(loaded.path), "sha256": loaded.sha256, "source": loaded.source},
-        "data": {
-            "path": str(cfg.data),
-            "split": data.split,
-            "train": len(data.x_train),
-            "test": len(data.x_test),
-            "labels": data.has_labels,
-        },
-        "model_family": family,
-        "config": {
+    report = build_report(
+        method=mcfg.method,
+        loaded=loaded,
+        data_path=cfg.data,
+        data=data,
+        family=family,
+        config={
             "method": _method_dict(mcfg),
             "train": {
                 "steps": t.steps,
@@ -195,39 +187,16 @@ def compress_method(
             "min_agreement": cfg.tolerances.min_agreement,
             "max_bytes": cfg.max_bytes,
         },
-        "params_before": params_before,
-        "params_after": params_after,
-        "param_ratio": params_after / params_before,
-        "onnx_bytes_before": bytes_before,
-        "onnx_bytes_after": bytes_after,
-        "onnx_ratio": bytes_after / bytes_before,
-        "layers": layers,
-        "attention_heads": None,
-        **detail,
-        "verification": {
-            "passed": verification.passed,
-            "export_max_abs_diff": verification.export_max_abs_diff,
-            "export_batches": verification.export_batches,
-            "max_abs_diff": verification.max_abs_diff,
-            "agreement": verification.agreement,
-            "accuracy_before": verification.accuracy_before,
-            "accuracy_after": verification.accuracy_after,
-            "samples": verification.samples,
-            "failures": verification.failures,
-        },
-        "training": {
-            "steps": training.steps,
-            "seconds": training.seconds,
-            "fusions": 0,
-            "fusions_by_layer": {},
-            "skipped_steps": training.skipped_steps,
-            "search_refresh": 0,
-            "history": training.history,
-        },
-        "latency_ms_before": lat_before,
-        "latency_ms_after": lat_after,
-        "gates": {"passed": not gate_failures, "failures": gate_failures},
-    }
+        params=(count_params(original), count_params(compressed)),
+        onnx_bytes=(bytes_before, bytes_after),
+        layers=layers,
+        heads=None,
+        extra=detail,
+        verification=verification_dict(verification),
+        training=training,
+        latency_ms=(lat_before, lat_after),
+        failures=failures,
+    )
     meta = {
         "compressed_by": f"rankshrink {__version__}",
         "source_sha256": loaded.sha256,
@@ -241,7 +210,7 @@ def compress_method(
         fold=None,  # nothing is folded: the model exports as it is
         verification=verification,
         training=training,
-        gate_failures=gate_failures,
+        gate_failures=failures,
     )
 
 

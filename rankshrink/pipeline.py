@@ -27,6 +27,7 @@ from rankshrink.errors import InputError
 from rankshrink.fold import FoldResult, export_bytes, fold
 from rankshrink.onnx_export import ExportConfig, check_single_file, export_onnx
 from rankshrink.recovery import RecoveryConfig, fine_tune_with_recovery_
+from rankshrink.report import build_report, gate_failures, verification_dict
 from rankshrink.surgery import FactorizedChain, factorize_
 from rankshrink.train import StepStats, TrainConfig, TrainReport, fine_tune_
 from rankshrink.transformer_fold import TransformerFold, fold_transformer
@@ -181,57 +182,23 @@ def compress(
             lat_after = latency_ms(session(after_path), one)
         onnx_blob = after_path.read_bytes()
 
-    gate_failures = list(verification.failures)
-    if cfg.max_bytes is not None and bytes_after > cfg.max_bytes:
-        gate_failures.append(f"ONNX size {bytes_after} bytes > --max-bytes {cfg.max_bytes}")
-
-    params_before, params_after = count_params(original), count_params(folded.model)
-    report = {
-        "rankshrink_version": __version__,
-        "method": "rare",
-        "input": {"path": str(loaded.path), "sha256": loaded.sha256, "source": loaded.source},
-        "data": {
-            "path": str(cfg.data),
-            "split": data.split,
-            "train": len(data.x_train),
-            "test": len(data.x_test),
-            "labels": data.has_labels,
-        },
-        "model_family": family,
-        "config": _config_dict(cfg, train_cfg, recovery),
-        "params_before": params_before,
-        "params_after": params_after,
-        "param_ratio": params_after / params_before,
-        "onnx_bytes_before": bytes_before,
-        "onnx_bytes_after": bytes_after,
-        "onnx_ratio": bytes_after / bytes_before,
-        "layers": [_layer_dict(lf) for lf in folded.layers],
-        "attention_heads": folded.heads if isinstance(folded, TransformerFold) else None,
-        "verification": {
-            "passed": verification.passed,
-            "export_max_abs_diff": verification.export_max_abs_diff,
-            "export_batches": verification.export_batches,
-            "fold_max_abs_diff": fold_diff,
-            "max_abs_diff": verification.max_abs_diff,
-            "agreement": verification.agreement,
-            "accuracy_before": verification.accuracy_before,
-            "accuracy_after": verification.accuracy_after,
-            "samples": verification.samples,
-            "failures": verification.failures,
-        },
-        "training": {
-            "steps": training.steps,
-            "seconds": training.seconds,
-            "fusions": training.fusions,
-            "fusions_by_layer": training.fusions_by_layer,
-            "skipped_steps": training.skipped_steps,
-            "search_refresh": training.search_refresh,
-            "history": training.history,
-        },
-        "latency_ms_before": lat_before,
-        "latency_ms_after": lat_after,
-        "gates": {"passed": not gate_failures, "failures": gate_failures},
-    }
+    failures = gate_failures(verification, bytes_after, cfg.max_bytes)
+    report = build_report(
+        method="rare",
+        loaded=loaded,
+        data_path=cfg.data,
+        data=data,
+        family=family,
+        config=_config_dict(cfg, train_cfg, recovery),
+        params=(count_params(original), count_params(folded.model)),
+        onnx_bytes=(bytes_before, bytes_after),
+        layers=[_layer_dict(lf) for lf in folded.layers],
+        heads=folded.heads if isinstance(folded, TransformerFold) else None,
+        verification=verification_dict(verification, fold_diff),
+        training=training,
+        latency_ms=(lat_before, lat_after),
+        failures=failures,
+    )
     meta = {
         "compressed_by": f"rankshrink {__version__}",
         "source_sha256": loaded.sha256,
@@ -244,7 +211,7 @@ def compress(
         fold=folded,
         verification=verification,
         training=training,
-        gate_failures=gate_failures,
+        gate_failures=failures,
     )
 
 
