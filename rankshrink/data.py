@@ -60,6 +60,18 @@ def load_data(path: str | Path, seed: int = 0) -> Dataset:
     x = _as_float(arrays["x"], path)
     n = x.shape[0]
     y = _labels(arrays["y"], n, path) if "y" in arrays else None
+    return split_dataset(x, y, arrays, path, seed)
+
+
+def split_dataset(
+    x: Tensor, y: Tensor | None, arrays: dict[str, Any], path: Path, seed: int
+) -> Dataset:
+    """Split ``x``/``y`` by the file's recorded ``train_idx``/``test_idx``, else seeded 80/20.
+
+    Raises:
+        InputError: a bad recorded split, or a side left empty.
+    """
+    n = x.shape[0]
     if "train_idx" in arrays or "test_idx" in arrays:
         train, test = _split(arrays, n, path)
         split = "recorded"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rankshrink.data import Dataset, _labels, _read, _split, _tensor
+from rankshrink.data import Dataset, _labels, _read, _tensor, split_dataset
 from rankshrink.errors import InputError
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -141,19 +141,7 @@ def token_dataset(
         raise InputError(f"{path}: {empty} rows of 'attention_mask' mask out every token")
     x = torch.stack([ids, mask, types], dim=1)  # (N, 3, T)
     y = _labels(arrays["y"], n, path) if "y" in arrays else None
-    if "train_idx" in arrays or "test_idx" in arrays:
-        train, test = _split(arrays, n, path)
-        split = "recorded"
-    else:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        cut = max(1, round(0.8 * n))
-        train, test = perm[:cut].sort().values, perm[cut:].sort().values
-        split = "seeded 80/20"
-    if train.numel() == 0 or test.numel() == 0:
-        raise InputError(f"{path}: need at least one training and one held-out sample, got {n}")
-    return Dataset(
-        x[train], x[test], None if y is None else y[train], None if y is None else y[test], split
-    )
+    return split_dataset(x, y, arrays, path, seed)
 
 
 def _ints(value: Any, name: str, path: Path, shape: tuple[int, int] | None) -> Tensor:
