@@ -123,6 +123,7 @@ def _errors(console: Console) -> Iterator[_Run]:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
+        _forget_unhandled_interrupt()
         console.print(f"[red]interrupted[/red]: {_stopped(run)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except _Terminated:
@@ -132,6 +133,19 @@ def _errors(console: Console) -> Iterator[_Run]:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
         _PENDING.clear()
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Clear CPython's "KeyboardInterrupt went unhandled" flag, so that exit 130 stays 130.
+
+    When Ctrl-C lands inside an ``exec`` of a string (dataclasses and namedtuples build their
+    methods that way, so any lazy import can be in one), CPython sets that flag as the exception
+    leaves the ``exec``, and never clears it when we catch the exception further up. Under
+    ``python -m`` the interpreter checks the flag after a normal ``sys.exit`` and kills itself
+    with SIGINT, so the caller saw "killed by signal 2" in place of our exit code. Every ``exec``
+    of a string resets the flag first; an empty one does nothing else.
+    """
+    exec("")  # noqa: S102 - a constant empty string, run only for its side effect above
 
 
 #: Signals already raised as exceptions. Python runs a handler wherever the main thread happens

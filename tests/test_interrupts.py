@@ -153,6 +153,38 @@ def test_sigint_and_sigterm_during_fine_tuning_and_export_stop_cleanly(tmp_path:
     assert not failures, "\n".join(failures)
 
 
+_CTRL_C_IN_EXEC = """
+import typer
+from rich.console import Console
+
+from rankshrink.cli import _errors
+
+app = typer.Typer()
+
+
+@app.command()
+def main() -> None:
+    with _errors(Console(stderr=True)):
+        exec("raise KeyboardInterrupt")  # where Ctrl-C lands inside a lazy import's dataclass
+
+
+app()
+"""
+
+
+def test_ctrl_c_inside_an_exec_still_exits_130_under_python_m(tmp_path: Path) -> None:
+    """CI once saw "killed by signal 2" after the clean message: CPython flags an interrupt that
+    leaves an ``exec`` of a string as unhandled, and ``python -m`` re-kills itself at exit."""
+    (tmp_path / "ctrl_c_in_exec.py").write_text(_CTRL_C_IN_EXEC, "utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "ctrl_c_in_exec"], env=env, capture_output=True, timeout=DEADLINE
+    )
+    errors = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 130, f"exit code {done.returncode}, stderr {errors!r}"
+    assert errors.strip() == "interrupted: stopped cleanly, nothing was written", errors
+
+
 # ---------------------------------------------------------------------------------------------
 # The commit step: outputs appear all together or not at all.
 
