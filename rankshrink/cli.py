@@ -145,7 +145,7 @@ def _forget_unhandled_interrupt() -> None:
     with SIGINT, so the caller saw "killed by signal 2" in place of our exit code. Every ``exec``
     of a string resets the flag first; an empty one does nothing else.
     """
-    exec("")  # noqa: S102 - a constant empty string, run only for its side effect above
+    exec("")  # a constant empty string, run only for its side effect above
 
 
 #: Signals already raised as exceptions. Python runs a handler wherever the main thread happens
