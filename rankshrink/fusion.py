@@ -108,14 +108,18 @@ def plan_fusions(
 
 @torch.no_grad()
 def fuse_(
-    layer: FactorizedLinear, plan: FusionPlan, optimizer: torch.optim.Optimizer | None
+    layer: FactorizedLinear,
+    plan: FusionPlan,
+    optimizer: torch.optim.Optimizer | None,
+    scale: Tensor | None = None,
 ) -> None:
     """Apply ``plan`` to ``layer`` in place; keep Adam's moments of the surviving entries.
 
     The effective weight after the call is exactly the fused one: with Frobenius normalization the
-    gain is re-set so that ``k · V / ‖V‖ · g`` equals it (SPEC §2).
+    gain is re-set so that ``k · V / ‖V‖ · g`` equals it (SPEC §2). ``scale`` is the layer's
+    current ``c`` of ``W' = c · V`` when the caller has it already.
     """
-    c = layer.scale_factor()
+    c = layer.scale_factor() if scale is None else scale.detach()
     s = torch.sqrt(plan.ratio * plan.ratio + 1.0)
     dim = 0 if plan.axis == "rows" else 1
     alive = torch.ones(layer.V.shape[dim], dtype=torch.bool)

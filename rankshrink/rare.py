@@ -22,7 +22,7 @@ from torch import Tensor
 _EPS = 1e-12
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AxisVectors:
     """The vectors compared along one axis: rows of ``[W' | b']`` or columns of ``W'``.
 
@@ -85,6 +85,7 @@ class AxisVectors:
         flat = pairs.reshape(-1)  # a0, b0, a1, b1, ...
         source = self.weight.T if self.axis == "cols" else self.weight
         X = source.index_select(0, flat).view(count, 2, -1)
+        bp = None
         if self.axis == "rows" and self.bias is not None:
             bp = self.bias.index_select(0, flat).view(count, 2)
             gram = torch.baddbmm(bp[:, :, None] * bp[:, None, :], X, X.transpose(1, 2))
@@ -93,10 +94,10 @@ class AxisVectors:
         g = gram.view(count, 4)
         sq, dot = g[:, 0::3], g[:, 1]  # views: (‖a‖², ‖b‖²) and a·b
         cos = dot * (sq[:, 0] * sq[:, 1]).clamp_min(_EPS * _EPS).rsqrt()
-        return ScoredPairs(pairs, sq, dot, cos)
+        return ScoredPairs(pairs, sq, dot, cos, self, g, X, bp)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScoredPairs:
     """Candidate pairs scored on one axis: squared norms, dot products and cosines."""
 
@@ -104,15 +105,51 @@ class ScoredPairs:
     sq: Tensor  # (T, 2) ‖a_i‖², ‖a_j‖²
     dot: Tensor  # (T,) a_i · a_j
     cos: Tensor  # (T,)
+    vectors: AxisVectors | None = None  # what was scored (the current ``W'``)
+    # What the scoring gathered, kept so that the argmin pair's RaRe gradient needs no second
+    # gather: the 2 × 2 Gram matrices (T, 4), the weight parts of the vectors (T, 2, d) and, on a
+    # rows axis with a bias, the bias entries (T, 2). ``None`` once stale (after a fusion).
+    gram: Tensor | None = None
+    gathered: Tensor | None = None
+    bias: Tensor | None = None
 
-    def subset(self, keep: Tensor, pairs: Tensor) -> ScoredPairs:
-        """The pairs in ``keep``, renumbered to ``pairs`` (after a fusion on this axis).
+    def subset(self, keep: Tensor, pairs: Tensor, vectors: AxisVectors) -> ScoredPairs:
+        """The pairs in ``keep``, renumbered to ``pairs``, of ``vectors`` (after a fusion).
 
         Fusion scales a kept vector by ``s > 0`` and drops its partner: cosines of the surviving
-        pairs do not change, so they need no re-scoring. (Norms and dot products do; only the
-        cosines are read after a fusion.)
+        pairs do not change, so they need no re-scoring. (Norms, dot products and the gathered
+        vectors do; only the cosines are read after a fusion, and the gathered data is dropped.)
         """
-        return ScoredPairs(pairs, self.sq[keep], self.dot[keep], self.cos[keep])
+        return ScoredPairs(pairs, self.sq[keep], self.dot[keep], self.cos[keep], vectors)
+
+    def rare_term(self, index: int, weight: float) -> PairTerm:
+        """``weight · (1 − cos²)`` of pair ``index`` with its gradient, in closed form.
+
+        Reads the Gram entries and vectors the scoring gathered; after a fusion (stale data) it
+        gathers the pair from :attr:`vectors`, the current ``W'``, instead.
+        """
+        idx = self.pairs[index]
+        if self.gram is None or self.gathered is None:
+            vectors = self.vectors
+            assert vectors is not None, "scored pairs without their vectors"
+            pair = vectors.select(idx)
+            (sa, d), (_, sb) = (pair @ pair.T).tolist()
+            with_bias = vectors.axis == "rows" and vectors.bias is not None
+            w, b = (pair[:, :-1], pair[:, -1].tolist()) if with_bias else (pair, None)
+        else:
+            sa, d, _, sb = self.gram[index].tolist()
+            w = self.gathered[index]
+            b = None if self.bias is None else self.bias[index].tolist()
+        value, mix = _rare_mix(sa, d, sb)
+        mix = [[weight * m for m in row] for row in mix]
+        grad_w = torch.tensor(mix, dtype=w.dtype) @ w
+        if b is None:
+            # 1 − cos² ignores each vector's scale, so G is orthogonal to each vector: ⟨G, w⟩ = 0
+            return PairTerm(weight * value, idx, grad_w, None, 0.0)
+        grad_b = [mix[0][0] * b[0] + mix[0][1] * b[1], mix[1][0] * b[0] + mix[1][1] * b[1]]
+        # ⟨G, [w | b]⟩ = 0 as above, so the weight part is minus the 2-entry bias part
+        w_dot = -(grad_b[0] * b[0] + grad_b[1] * b[1])
+        return PairTerm(weight * value, idx, grad_w, torch.tensor(grad_b, dtype=w.dtype), w_dot)
 
     def best(self, positive_only: bool) -> tuple[float, int]:
         """The most parallel pair: its score (|cos|, or cos when ``positive_only``) and index.
@@ -147,21 +184,41 @@ def rare_value(cos: Tensor) -> Tensor:
     return 1.0 - cos * cos
 
 
-def rare_pair_grad(pair: Tensor) -> tuple[float, Tensor]:
-    """``1 − cos(a, b)²`` of ``pair = [a; b]`` (2 × d) and its gradient (2 × d), in closed form.
+@dataclass(slots=True)
+class PairTerm:
+    """One axis's RaRe term: ``weight · (1 − cos²)`` of its argmin pair and the gradient.
+
+    ``grad_w`` is the gradient with respect to the pair's weight parts (2 × d: rows of ``W'``,
+    or columns as rows), ``grad_b`` the one for their bias entries (a rows axis with a bias), and
+    ``w_dot`` is ``⟨grad_w, weight parts⟩``, which the Frobenius normalization's chain rule needs.
+    """
+
+    value: float
+    idx: Tensor  # the pair's indices (2,)
+    grad_w: Tensor
+    grad_b: Tensor | None
+    w_dot: float
+
+
+def _rare_mix(sa: float, d: float, sb: float) -> tuple[float, list[list[float]]]:
+    """``1 − cos²`` from a pair's Gram entries and the 2 × 2 matrix ``M`` with gradient ``M·pair``.
 
     ``∂cos/∂a = b/(‖a‖‖b‖) − cos·a/‖a‖²``, so ``∂(1 − cos²)/∂a = 2cos²/‖a‖²·a − 2cos/(‖a‖‖b‖)·b``
-    and symmetrically for ``b``: the gradient is a 2 × 2 matrix times the pair. The scalars are
-    computed in Python from the pair's Gram matrix — a handful of tensor ops in all, which matters
-    because this runs for every fusable axis at every step.
+    and symmetrically for ``b``. Python scalars: this runs for every fusable axis at every step,
+    where each extra tensor op costs more than the arithmetic.
     """
-    (sa, d), (_, sb) = (pair @ pair.T).tolist()
     sa, sb = max(sa, _EPS), max(sb, _EPS)
     inv = 1.0 / math.sqrt(sa * sb)
     cos = d * inv
     off = -2.0 * cos * inv
-    mix = torch.tensor([[2.0 * cos * cos / sa, off], [off, 2.0 * cos * cos / sb]], dtype=pair.dtype)
-    return 1.0 - cos * cos, mix @ pair
+    return 1.0 - cos * cos, [[2.0 * cos * cos / sa, off], [off, 2.0 * cos * cos / sb]]
+
+
+def rare_pair_grad(pair: Tensor) -> tuple[float, Tensor]:
+    """``1 − cos(a, b)²`` of ``pair = [a; b]`` (2 × d) and its gradient (2 × d), in closed form."""
+    (sa, d), (_, sb) = (pair @ pair.T).tolist()
+    value, mix = _rare_mix(sa, d, sb)
+    return value, torch.tensor(mix, dtype=pair.dtype) @ pair
 
 
 def top_pairs(

@@ -24,8 +24,8 @@ from rankshrink.fusion import fuse_, plan_fusions
 from rankshrink.rare import (
     AxisVectors,
     PairCandidates,
+    PairTerm,
     ScoredPairs,
-    rare_pair_grad,
 )
 from rankshrink.surgery import FactorizedChain, fusable_axis, rare_axes
 
@@ -305,8 +305,7 @@ class LayerRare:
     layer: FactorizedLinear
     c: Tensor  # W' = c · V at scoring time (detached)
     norm: Tensor  # ‖V‖_F at scoring time (detached)
-    # (axis, the pair's indices, d(weight · RaRe)/d vectors (2 × d))
-    parts: list[tuple[str, Tensor, Tensor]] = field(default_factory=list)
+    parts: list[tuple[str, PairTerm]] = field(default_factory=list)  # per RaRe axis
 
 
 @dataclass
@@ -335,28 +334,27 @@ def _add_layer_grad_(entry: LayerRare, factor: float) -> None:
     """Chain ``G = ∂T/∂W'`` (nonzero on a few rows/columns) through ``W' = s·V``, ``s = k·g/‖V‖``:
     ``∂T/∂V = s·(G − ⟨G,V⟩/‖V‖²·V)``, ``∂T/∂g = ⟨G,V⟩·k/‖V‖``, ``∂T/∂b' = G_b``."""
     layer = entry.layer
-    V = layer.V
+    V, bias, gain = layer.V, layer.bias, layer.gain  # nn.Module attribute reads are slow
     s = float(entry.c)
     dot = 0.0  # ⟨G, V⟩ from the pair rows/columns only
     grad_v = V.grad if V.grad is not None else torch.zeros_like(V)
-    for axis, idx, grad in entry.parts:
+    for axis, term in entry.parts:
+        dot += term.w_dot / s * factor  # ⟨G_w, V_pair⟩ = ⟨G_w, W'_pair⟩ / s
         if axis == "rows":
-            g_w = grad[:, : V.shape[1]]
-            grad_v.index_add_(0, idx, g_w, alpha=s * factor)
-            dot += float(torch.linalg.vecdot(g_w, V.index_select(0, idx)).sum()) * factor
-            if layer.bias is not None:
-                if layer.bias.grad is None:
-                    layer.bias.grad = torch.zeros_like(layer.bias)
-                layer.bias.grad.index_add_(0, idx, grad[:, V.shape[1]], alpha=factor)
+            grad_v.index_add_(0, term.idx, term.grad_w, alpha=s * factor)
+            if term.grad_b is not None and bias is not None:
+                if bias.grad is None:
+                    bias.grad = torch.zeros_like(bias)
+                bias.grad.index_add_(0, term.idx, term.grad_b, alpha=factor)
         else:
-            grad_v.index_add_(1, idx, grad.T, alpha=s * factor)
-            dot += float(torch.linalg.vecdot(grad, V.index_select(1, idx).T).sum()) * factor
-    if layer.gain is not None:
+            grad_v.index_add_(1, term.idx, term.grad_w.T, alpha=s * factor)
+    # ⟨G, V⟩ is zero unless a rows axis has a bias (see PairTerm): skip the pass over V then
+    if gain is not None and dot != 0.0:
         norm = float(entry.norm)
         grad_v.add_(V, alpha=-s * dot / (norm * norm))
-        if layer.gain.grad is None:
-            layer.gain.grad = torch.zeros_like(layer.gain)
-        layer.gain.grad += dot * float(layer.k) / norm
+        if gain.grad is None:
+            gain.grad = torch.zeros_like(gain)
+        gain.grad.add_(dot * float(layer.k) / norm)
     V.grad = grad_v
 
 
@@ -401,13 +399,15 @@ def _scan_(
                 positive_only=cand.positive_only, max_pairs=limit,
             )  # fmt: skip
             if plan is not None:
-                fuse_(layer, plan, opt)
+                fuse_(layer, plan, opt, scale)
                 keep = cand.remap(plan.drop, size)
                 assert cand.pairs is not None
                 W, scale, norm = layer.weight_parts()
                 # the fused axis's surviving cosines are unchanged; the other axis lost or
                 # rescaled entries in every vector and is scored again
-                survivors = scored[axis].subset(keep, cand.pairs)
+                bias = None if layer.bias is None else layer.bias.detach()
+                vectors = AxisVectors(W.detach(), bias, axis)
+                survivors = scored[axis].subset(keep, cand.pairs, vectors)
                 scored = _score(W, layer, li, [a for a in axes if a != axis], cands, None)
                 if len(survivors.pairs):
                     scored[axis] = survivors
@@ -418,12 +418,10 @@ def _scan_(
         c += rows * cols
         if cfg.lambda_rank > 0 and scored:
             entry = LayerRare(layer, scale.detach(), norm.detach())
-            bias = None if layer.bias is None else layer.bias.detach()
             for ax, pairs in scored.items():
-                idx = pairs.pairs[best[ax][1]]
-                val, grad = rare_pair_grad(AxisVectors(W.detach(), bias, ax).select(idx))
-                value += rows * cols * val
-                entry.parts.append((ax, idx, rows * cols * grad))
+                term = pairs.rare_term(best[ax][1], float(rows * cols))
+                value += term.value
+                entry.parts.append((ax, term))
             entries.append(entry)
     if cfg.lambda_rank == 0:
         return None, fused
