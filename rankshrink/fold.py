@@ -69,9 +69,8 @@ def sign_features(P: IndexMap) -> tuple[Tensor, Tensor]:
 
 
 def feature_count(P: IndexMap) -> int:
-    """``len(sign_features(P)[0])`` without sorting: the training loop asks after every fusion."""
-    key = P.index * 2 + (P.scale < 0).long()
-    return int(torch.count_nonzero(torch.bincount(key, minlength=2 * P.reduced)))
+    """``len(sign_features(P)[0])`` without sorting (cached per map: asked after every fusion)."""
+    return P.signed_count
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,7 @@ def plan_fold(modules: list[nn.Module]) -> list[_Plan | None]:
         in_choices = [(False, in_width if in_width is not None else mod.in_features)]
         if in_width is None and not mod._q_identity:
             in_choices.append((True, n2))
-        group = int(torch.bincount(mod.Q.index).max()) if not mod._q_identity else 1
+        group = mod.Q.max_group if not mod._q_identity else 1
         for seg, cols in in_choices:
             outs = [(False, feat)] if mode else [(False, mod.out_features)]
             if not mode and not mod._p_identity:

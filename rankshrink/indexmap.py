@@ -8,6 +8,7 @@ which they are applied differs. Everything here is pure: functions take and retu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,22 @@ class IndexMap:
     @property
     def size(self) -> int:
         return int(self.index.numel())
+
+    # The two counts below are read after every fusion (the training loop's size estimate) and
+    # a map never changes once built (fusion makes a new one), so each is computed once.
+
+    @functools.cached_property
+    def signed_count(self) -> int:
+        """Distinct ``(index, sign of scale)`` pairs: the features a sign-split fold needs."""
+        key = self.index * 2 + (self.scale < 0).long()
+        return int(torch.count_nonzero(torch.bincount(key, minlength=2 * self.reduced)))
+
+    @functools.cached_property
+    def max_group(self) -> int:
+        """The most original coordinates mapped onto one reduced coordinate (at least 1)."""
+        if self.index.numel() == 0:
+            return 1
+        return max(int(torch.bincount(self.index).max()), 1)
 
     def is_identity(self) -> bool:
         """True when the map is exactly the identity (no fused coordinates, unit scales)."""

@@ -340,3 +340,6 @@ def test_feature_count_equals_sign_features(P: IndexMap) -> None:
     from rankshrink.fold import feature_count, sign_features
 
     assert feature_count(P) == len(sign_features(P)[0]), "feature_count != |sign features|"
+    counts = torch.bincount(P.index, minlength=P.reduced)
+    assert P.max_group == max(int(counts.max()) if counts.numel() else 1, 1), "max_group"
+    assert P.as_segment_sum().ne(0).sum(1).max() <= P.max_group, "a group wider than max_group"
