@@ -62,7 +62,23 @@ def make_folder(root: Path) -> tuple[Path, Path]:
     return folder, data
 
 
-def step_time(folder: str, data: str, mode: str, steps: int, batch: int, threads: int) -> dict:
+def fusion_config(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the command line overrides (empty: the defaults)."""
+    fields: dict = {}
+    if args.tau_cos is not None:
+        fields["tau_cos"] = args.tau_cos
+    if args.tau_euc is not None:
+        fields["tau_euc"] = args.tau_euc
+    if args.no_target:
+        fields["target_ratio"] = None
+    elif args.target_ratio is not None:
+        fields["target_ratio"] = args.target_ratio
+    return fields
+
+
+def step_time(
+    folder: str, data: str, mode: str, steps: int, batch: int, threads: int, fields: dict
+) -> dict:
     """One mode's fine-tuning in this (spawned) process: ms/step and peak RSS."""
     from rankshrink.hf import PackedTokens, load_hf_folder, token_layout
     from rankshrink.token_data import load_token_data
@@ -75,7 +91,7 @@ def step_time(folder: str, data: str, mode: str, steps: int, batch: int, threads
     ds = load_token_data(data, VOCAB, 512)
     with torch.no_grad():
         teacher = torch.cat([packed(ds.x_train[i : i + 64]) for i in range(0, len(ds.x_train), 64)])
-    cfg = TrainConfig(steps=steps, batch_size=batch)
+    cfg = TrainConfig(steps=steps, batch_size=batch, **fields)
     if mode == "plain":
         cfg = replace(cfg, lambda_rank=0.0, fusion=False, target_ratio=None)
     chain = factorize_transformer_(packed, token_layout(packed))
@@ -121,6 +137,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="10 / 40 steps")
+    # A random-init model has no redundancy: at the defaults, fusion only finds the few pairs
+    # RaRe makes parallel. These let a run fuse enough to measure what fusion costs and gains.
+    parser.add_argument("--tau-cos", type=float, help="fusion threshold τ_cos (both parts)")
+    parser.add_argument("--tau-euc", type=float, help="fusion threshold τ_euc (both parts)")
+    parser.add_argument("--target-ratio", type=float, help="size target of the τ schedule")
+    parser.add_argument("--no-target", action="store_true", help="fixed τ, no schedule")
     parser.add_argument("--only", choices=("step", "latency"), help="run one part only")
     args = parser.parse_args()
     if args.quick:
@@ -131,6 +153,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, load {load}")
     print(f"BertModel {LAYERS} layers, hidden {HIDDEN}, {HEADS} heads, FFN {FFN}, vocab {VOCAB};")
     print(f"{N} random sequences of {T} tokens (lengths {T // 2}-{T}), batch {args.batch_size}")
+    print(f"TrainConfig overrides for the rare mode: {fusion_config(args) or 'none (defaults)'}")
     with tempfile.TemporaryDirectory(prefix="bench-minilm-") as tmp:
         folder, data = make_folder(Path(tmp))
         if args.only != "latency":
@@ -145,7 +168,15 @@ def step_times(folder: Path, data: Path, args: argparse.Namespace) -> None:
     runs: dict[str, list[dict]] = {"plain": [], "rare": []}
     for mode in ("plain", "rare", "plain", "rare"):
         runs[mode].append(
-            in_process(str(folder), str(data), mode, args.steps, args.batch_size, args.threads)
+            in_process(
+                str(folder),
+                str(data),
+                mode,
+                args.steps,
+                args.batch_size,
+                args.threads,
+                fusion_config(args),
+            )
         )
     plain = min(r["ms_per_step"] for r in runs["plain"])
     rare = min(r["ms_per_step"] for r in runs["rare"])
@@ -169,12 +200,13 @@ def compress_and_time(folder: Path, data: Path, tmp: Path, args: argparse.Namesp
     from rankshrink.token_data import load_token_data
     from rankshrink.train import TrainConfig
 
+    fields = fusion_config(args)
     cfg = CompressConfig(
         model=folder,
         data=data,
-        train=TrainConfig(steps=args.compress_steps, batch_size=args.batch_size),
+        train=TrainConfig(steps=args.compress_steps, batch_size=args.batch_size, **fields),
         measure_latency=False,
-        auto_target=True,
+        auto_target="target_ratio" not in fields,
     )
     start = time.perf_counter()
     result = compress_hf(cfg)

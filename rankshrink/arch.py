@@ -9,7 +9,11 @@ A checkpoint written by rankshrink (and the bundled sample models) stores ``{"ar
 - ``{"type": "token_classifier", ...}`` describes a :class:`~rankshrink.encoder.TokenClassifier`
   (see :mod:`rankshrink.encoder`);
 - ``{"type": "folded_token_classifier", ...}`` describes one that rankshrink compressed (see
-  :mod:`rankshrink.folded_encoder`).
+  :mod:`rankshrink.folded_encoder`);
+- ``{"type": "token_encoder", ...}`` describes a Hugging Face BERT-family encoder, plain or
+  compressed (see :mod:`rankshrink.token_spec`);
+- ``{"type": "low_rank", "base": ..., "ranks": ...}`` wraps any of these whose Linear layers are
+  partly two-factor ``LowRankLinear`` s (see :mod:`rankshrink.lowrank_spec`).
 
 A spec holds only str/int/float/bool/list/dict values so that the checkpoint loads with
 ``torch.load(weights_only=True)``.
@@ -26,6 +30,9 @@ from rankshrink.encoder import TokenClassifier, build_encoder, encoder_spec
 from rankshrink.errors import InputError
 from rankshrink.folded_encoder import AttentionWithOut, build_folded, folded_spec
 from rankshrink.indexed import IndexedLinear
+from rankshrink.lowrank_spec import build_low_rank, has_low_rank, low_rank_spec
+from rankshrink.token_encoder import TokenEncoder
+from rankshrink.token_spec import build_token_encoder, token_encoder_spec
 
 CHECKPOINT_FORMAT = "rankshrink.checkpoint/1"
 
@@ -151,6 +158,8 @@ _BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "sequential": build_sequential,
     "token_classifier": build_encoder,
     "folded_token_classifier": build_folded,
+    "token_encoder": build_token_encoder,
+    "low_rank": lambda spec: build_low_rank(spec, build_model),
 }
 
 
@@ -169,20 +178,25 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
-    """The architecture spec of a flat ``nn.Sequential`` or a ``TokenClassifier``.
+    """The architecture spec of a flat ``nn.Sequential``, a ``TokenClassifier`` or a
+    ``TokenEncoder``.
 
     Raises:
         InputError: the model is neither, or holds a module a spec cannot describe.
     """
+    if has_low_rank(model):  # two-factor layers: the dense twin's spec plus their ranks
+        return low_rank_spec(model, model_spec)
     if isinstance(model, TokenClassifier):
         if any(isinstance(m, AttentionWithOut) for m in model.modules()):
             return folded_spec(model)  # compressed by rankshrink
         return encoder_spec(model)
+    if isinstance(model, TokenEncoder):
+        return token_encoder_spec(model)
     if isinstance(model, nn.Sequential):
         return sequential_spec(model)
     raise InputError(
-        f"cannot describe a {type(model).__name__}; a checkpoint needs an nn.Sequential or a"
-        " TokenClassifier"
+        f"cannot describe a {type(model).__name__}; a checkpoint needs an nn.Sequential, a"
+        " TokenClassifier or a TokenEncoder"
     )
 
 

@@ -68,8 +68,8 @@ def load_model(
         raise InputError(f"model file not found: {path}")
     if path.is_dir():
         raise InputError(
-            f"{path} is a directory; pass a checkpoint file (.pt) — Hugging Face folders are read"
-            " by `compress` only for now"
+            f"{path} is a directory; pass a checkpoint file (.pt) — Hugging Face folders"
+            " (config.json + safetensors) are read by compress, verify and inspect"
         )
     if path.stat().st_size == 0:
         raise InputError(f"model file is empty: {path}")

@@ -74,6 +74,8 @@ class Method(StrEnum):
     svd = "svd"
     rmt_svd = "rmt-svd"
     layer_sparsity = "layer-sparsity"
+    rare_rmt_svd = "rare+rmt-svd"
+    layer_sparsity_rmt_svd = "layer-sparsity+rmt-svd"
 
 
 class AxisPolicy(StrEnum):
@@ -253,12 +255,22 @@ def compress(
         float, typer.Option(help="rmt-svd: Tracy–Widom units kept above the MP edge.")
     ] = 0.0,
     min_rank: Annotated[int, typer.Option(help="svd/rmt-svd: no layer goes below this rank.")] = 1,
+    min_energy: Annotated[
+        float,
+        typer.Option(
+            help="rmt-svd: keep at least this share of each layer's spectral energy Σs², even"
+            " below the MP edge (0: the bare edge)."
+        ),
+    ] = 0.5,
     lambda_sparsity: Annotated[
         float, typer.Option(help="layer-sparsity: weight of the negative-part group penalty.")
     ] = 0.1,
     refit_steps: Annotated[
         int | None,
-        typer.Option(help="layer-sparsity: refit steps after merging. [default: --steps]"),
+        typer.Option(
+            help="layer-sparsity and the X+rmt-svd combinations: refit steps after the last"
+            " stage. [default: --steps]"
+        ),
     ] = None,
     plot: Annotated[
         str | None,
@@ -341,8 +353,8 @@ def compress(
         bool, typer.Option("--quiet", "-q", help="No progress bar or tables; errors only.")
     ] = False,
 ) -> None:
-    """Compress (RaRe + live fusion by default; or svd, rmt-svd, layer-sparsity), export a
-    smaller ONNX and verify it."""
+    """Compress (RaRe + live fusion by default; or svd, rmt-svd, layer-sparsity, or a structural
+    method followed by RMT-SVD on what it left), export a smaller ONNX and verify it."""
     from rankshrink.methods import compress_method
     from rankshrink.pipeline import CompressConfig
 
@@ -370,9 +382,22 @@ def compress(
             min_agreement=min_agreement,
         )
         _require(steps > 0, f"--steps must be positive, got {steps}")
-        _require_finite(budget=budget, tw_margin=tw_margin, lambda_sparsity=lambda_sparsity)
+        _require_finite(
+            budget=budget,
+            tw_margin=tw_margin,
+            min_energy=min_energy,
+            lambda_sparsity=lambda_sparsity,
+        )
         mcfg = _method_config(
-            method, budget, rank, tw_margin, min_rank, lambda_sparsity, refit_steps, save_pt
+            method,
+            budget,
+            rank,
+            tw_margin,
+            min_rank,
+            min_energy,
+            lambda_sparsity,
+            refit_steps,
+            save_pt,
         )
         if plot:
             from rankshrink.plots import require_matplotlib
@@ -465,6 +490,7 @@ def _method_config(
     rank: int | None,
     tw_margin: float,
     min_rank: int,
+    min_energy: float,
     lambda_sparsity: float,
     refit_steps: int | None,
     save_pt: str | None,
@@ -477,14 +503,23 @@ def _method_config(
         "--rank": rank is not None,
         "--tw-margin": tw_margin != 0.0,
         "--min-rank": min_rank != 1,
+        "--min-energy": min_energy != 0.5,
         "--lambda-sparsity": lambda_sparsity != 0.1,
         "--refit-steps": refit_steps is not None,
     }
     allowed = {
         Method.rare: set(),
         Method.svd: {"--budget", "--rank", "--min-rank"},
-        Method.rmt_svd: {"--tw-margin", "--min-rank"},
+        Method.rmt_svd: {"--tw-margin", "--min-rank", "--min-energy"},
         Method.layer_sparsity: {"--lambda-sparsity", "--refit-steps"},
+        Method.rare_rmt_svd: {"--tw-margin", "--min-rank", "--min-energy", "--refit-steps"},
+        Method.layer_sparsity_rmt_svd: {
+            "--lambda-sparsity",
+            "--tw-margin",
+            "--min-rank",
+            "--min-energy",
+            "--refit-steps",
+        },
     }[method]
     extra = [flag for flag, on in given.items() if on and flag not in allowed]
     verb = "does" if len(extra) == 1 else "do"
@@ -494,6 +529,7 @@ def _method_config(
     _require(rank is None or rank > 0, f"--rank must be positive, got {rank}")
     _require(min_rank > 0, f"--min-rank must be positive, got {min_rank}")
     _require(tw_margin >= 0, f"--tw-margin must be ≥ 0, got {tw_margin}")
+    _require(0 <= min_energy < 1, f"--min-energy must be in [0, 1), got {min_energy}")
     _require(lambda_sparsity > 0, f"--lambda-sparsity must be positive, got {lambda_sparsity}")
     _require(refit_steps is None or refit_steps >= 0, "--refit-steps must be ≥ 0")
     return MethodConfig(
@@ -502,6 +538,7 @@ def _method_config(
         rank=rank,
         tw_margin=tw_margin,
         min_rank=min_rank,
+        min_energy=min_energy,
         lam=lambda_sparsity,
         refit_steps=refit_steps,
         checkpoint=bool(save_pt),
@@ -558,7 +595,9 @@ def _print_result(console: Console, rep: dict[str, Any]) -> None:
 
 @app.command(cls=_Command)
 def verify(
-    model: Annotated[str, typer.Argument(help="The original checkpoint.")],
+    model: Annotated[
+        str, typer.Argument(help="The original checkpoint, or a Hugging Face folder.")
+    ],
     onnx_file: Annotated[
         str, typer.Argument(metavar="OUT.onnx", help="An exported (compressed) ONNX file.")
     ],
@@ -588,25 +627,26 @@ def verify(
         _require_finite(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
         onnx_path = Path(onnx_file)
         _require(onnx_path.is_file(), f"ONNX file not found: {onnx_path}")
-        loaded, ds, classifier = load_inputs(Path(model), Path(data), arch, trust_pickle, seed)
-        result = verify_export(
-            loaded.model,
-            None,
-            onnx_path,
-            ds.x_test,
-            ds.y_test,
-            Tolerances(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement),
-            classifier,
-        )
-        payload = {
-            "passed": result.passed,
-            "max_abs_diff": result.max_abs_diff,
-            "agreement": result.agreement,
-            "accuracy_before": result.accuracy_before,
-            "accuracy_after": result.accuracy_after,
-            "samples": result.samples,
-            "failures": result.failures,
-        }
+        tol = Tolerances(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
+        if Path(model).is_dir():  # a Hugging Face folder: token data, two lengths and batches
+            from rankshrink.hf_verify import verify_folder
+
+            args = (Path(model), onnx_path, Path(data), tol, seed, arch, trust_pickle)
+            result, payload = verify_folder(*args)
+        else:
+            loaded, ds, classifier = load_inputs(Path(model), Path(data), arch, trust_pickle, seed)
+            result = verify_export(
+                loaded.model, None, onnx_path, ds.x_test, ds.y_test, tol, classifier
+            )
+            payload = {
+                "passed": result.passed,
+                "max_abs_diff": result.max_abs_diff,
+                "agreement": result.agreement,
+                "accuracy_before": result.accuracy_before,
+                "accuracy_after": result.accuracy_after,
+                "samples": result.samples,
+                "failures": result.failures,
+            }
         if json_out:
             console.print_json(json.dumps(payload))
         else:
@@ -619,7 +659,7 @@ def verify(
 
 @app.command(cls=_Command)
 def inspect(
-    model: Annotated[str, typer.Argument(help="A checkpoint.")],
+    model: Annotated[str, typer.Argument(help="A checkpoint, or a Hugging Face folder.")],
     arch: Annotated[str | None, typer.Option(help="module:factory for a bare state_dict.")] = None,
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow unpickling a full nn.Module.")
@@ -630,13 +670,13 @@ def inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """List the layers, their shapes and a data-free redundancy estimate; no training."""
-    from rankshrink.checkpoint import load_model
+    from rankshrink.hf import load_model_or_folder  # a checkpoint or a Hugging Face folder
     from rankshrink.redundancy import inspect_model
     from rankshrink.render import inspect_table
 
     console, err = _console(), _err_console()
     with _errors(err):
-        loaded = load_model(Path(model), arch=arch, trust_pickle=trust_pickle)
+        loaded = load_model_or_folder(Path(model), arch=arch, trust_pickle=trust_pickle)
         rows = inspect_model(loaded.model, tau_cos=tau_cos)
         if json_out:
             console.print_json(
@@ -660,7 +700,7 @@ def compare(
     steps: Annotated[int, typer.Option(help="Fine-tuning steps of every run.")] = 1000,
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods to run.")
-    ] = "rare,svd,rmt-svd,layer-sparsity",
+    ] = "rare,svd,rmt-svd,layer-sparsity,layer-sparsity+rmt-svd",
     seed: Annotated[int, typer.Option(help="Random seed (batches, split).")] = 0,
     threads: Annotated[
         int, typer.Option(help="Intra-op threads for every run (0: torch's default).")

@@ -120,11 +120,12 @@ def _linear_spec(module: nn.Module) -> dict[str, Any]:
     raise InputError(f"cannot describe a folded FFN layer of type {type(module).__name__}")
 
 
-def _build_linear(spec: Any, limit: int) -> nn.Module:
+def _build_linear(spec: Any, limit: int, label: str = SPEC_TYPE) -> nn.Module:
     """An FFN layer from its spec; every size in it must be at most ``limit`` (max(d_model, ffn)),
-    so that a forged spec cannot make the loader allocate more than the original model holds."""
+    so that a forged spec cannot make the loader allocate more than the original model holds.
+    ``label`` names the spec type in errors."""
     if not isinstance(spec, dict):
-        raise InputError(f"{SPEC_TYPE} spec: layer spec must be a dict, got {spec!r:.40}")
+        raise InputError(f"{label} spec: layer spec must be a dict, got {spec!r:.40}")
     kind = spec.get("kind")
     sizes = [spec.get("in_features")]
     if kind == "linear":
@@ -133,37 +134,37 @@ def _build_linear(spec: Any, limit: int) -> nn.Module:
         for key in ("core", "in_groups"):
             value = spec.get(key)
             if value is not None and not (isinstance(value, list) and len(value) == 2):
-                raise InputError(f"{SPEC_TYPE} spec: {key} must be a pair of sizes")
+                raise InputError(f"{label} spec: {key} must be a pair of sizes")
             sizes += value or []
         if spec.get("core") is None:
-            raise InputError(f"{SPEC_TYPE} spec: an indexed layer needs its core shape")
+            raise InputError(f"{label} spec: an indexed layer needs its core shape")
         if spec.get("out_features") is not None:
             sizes.append(spec["out_features"])
     else:
-        raise InputError(f"{SPEC_TYPE} spec: unknown layer kind {kind!r:.40}")
+        raise InputError(f"{label} spec: unknown layer kind {kind!r:.40}")
     for size in sizes:
-        if _positive(size) > limit:
-            raise InputError(f"{SPEC_TYPE} spec: layer size {size} exceeds the model's {limit}")
+        if _positive(size, label) > limit:
+            raise InputError(f"{label} spec: layer size {size} exceeds the model's {limit}")
     if kind == "linear":
         return nn.Linear(spec["in_features"], spec["out_features"])
     return IndexedLinear.from_spec(spec)
 
 
-def _positive(value: Any) -> int:
+def _positive(value: Any, label: str = SPEC_TYPE) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**31:
-        raise InputError(f"{SPEC_TYPE} spec: expected a positive integer, got {value!r:.40}")
+        raise InputError(f"{label} spec: expected a positive integer, got {value!r:.40}")
     return value
 
 
-def _widths(value: Any, heads: int, head_dim: int, what: str) -> list[int]:
+def _widths(value: Any, heads: int, head_dim: int, what: str, label: str = SPEC_TYPE) -> list[int]:
     # a folded head is never wider than the original's head
     if (
         not isinstance(value, list)
         or len(value) != heads
-        or not all(_positive(v) <= head_dim for v in value)
+        or not all(_positive(v, label) <= head_dim for v in value)
     ):
         raise InputError(
-            f"{SPEC_TYPE} spec: {what} must list {heads} head widths of at most {head_dim}"
+            f"{label} spec: {what} must list {heads} head widths of at most {head_dim}"
         )
     return list(value)
 

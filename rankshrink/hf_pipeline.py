@@ -4,8 +4,9 @@ The steps are :func:`rankshrink.pipeline.compress`'s — factorize (:func:`~rank
 maps BERT's module names onto the Transformer surgery), fine-tune with RaRe and live fusion, fold,
 export, verify — with what tokens change: the data is ``input_ids``/``attention_mask``/
 ``token_type_ids``, the export has dynamic batch and sequence axes and three named inputs, and
-verification runs at two sequence lengths (:func:`~rankshrink.hf_onnx.verify_tokens`). The report
-has the same keys, plus the base model's pooled-cosine similarity and the padding check.
+verification runs at two sequence lengths (:func:`~rankshrink.hf_verify.verify_tokens`). The report
+has the same keys, plus the base model's pooled-cosine similarity and the padding check. ``--save-pt``
+gets the folded encoder as a self-describing checkpoint (:mod:`rankshrink.token_spec`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 import torch
 
 from rankshrink import __version__
-from rankshrink.arch import count_params
+from rankshrink.arch import count_params, make_checkpoint
 from rankshrink.errors import InputError
 from rankshrink.hf import PackedTokens, TokenEncoder, load_hf_folder, token_layout
-from rankshrink.hf_onnx import export_tokens, session, token_latency_ms, verify_tokens
+from rankshrink.hf_onnx import export_tokens, session, token_latency_ms
+from rankshrink.hf_verify import verify_tokens
 from rankshrink.onnx_export import check_single_file
 from rankshrink.pipeline import (
     DEFAULT_RECOVERY,
@@ -37,7 +39,7 @@ from rankshrink.pipeline import (
 )
 from rankshrink.recovery import fine_tune_with_recovery_
 from rankshrink.report import build_report, gate_failures, verification_dict
-from rankshrink.token_data import load_text_data, load_token_data
+from rankshrink.token_data import load_for_encoder
 from rankshrink.train import StepStats, fine_tune_
 from rankshrink.transformer_fold import export_bytes, fold_transformer
 from rankshrink.transformer_surgery import factorize_transformer_
@@ -63,26 +65,10 @@ def compress_hf(
     say("loading")
     loaded = load_hf_folder(cfg.model)
     encoder: TokenEncoder = loaded.model  # type: ignore[assignment]
-    hf_config = loaded.meta["config"]
-    sizes = {
-        "vocab_size": int(hf_config["vocab_size"]),
-        "max_length": int(hf_config["max_position_embeddings"]),
-        "type_vocab_size": int(hf_config.get("type_vocab_size", 2)),
-        "seed": cfg.train.seed,
-    }
-    if Path(cfg.data).suffix.lower() == ".txt":  # --text: sentences, the folder's tokenizer
-        data = load_text_data(cfg.data, cfg.model, **sizes)
-    else:
-        data = load_token_data(cfg.data, **sizes)
+    # a .txt file (--text) is tokenized with the folder's tokenizer
+    data = load_for_encoder(cfg.data, cfg.model, encoder.config, cfg.train.seed)
     base = encoder.kind == "base"
     original = PackedTokens(encoder).eval()
-    if data.has_labels:
-        if base:
-            raise InputError(f"{cfg.data} has labels 'y', but {cfg.model} is a base model")
-        classes = int(encoder.classifier.out_features)  # type: ignore[union-attr]
-        top = int(max(data.y_train.max(), data.y_test.max()))  # type: ignore[union-attr]
-        if top >= classes:
-            raise InputError(f"{cfg.data}: label {top} is out of range for {classes} classes")
     check_single_file(original)
 
     train_cfg = cfg.train
@@ -135,7 +121,14 @@ def compress_hf(
         bytes_after = export_tokens(compressed, example, after_path, cfg.export, output_name)
         say("verifying")
         verification, checks = verify_tokens(
-            encoder, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, base
+            encoder,
+            compressed,
+            after_path,
+            data.x_test,
+            data.y_test,
+            cfg.tolerances,
+            base,
+            pad_id=encoder.config.pad_token_id,
         )
         lat_before = lat_after = None
         if cfg.measure_latency:
@@ -156,18 +149,14 @@ def compress_hf(
         onnx_bytes=(bytes_before, bytes_after),
         layers=[_layer_dict(lf) for lf in folded.layers],
         heads=folded.heads,
-        verification=verification_dict(
-            verification,
-            fold_diff,
-            sequence_lengths=checks.sequence_lengths,
-            padding_max_abs_diff=checks.padding_max_abs_diff,
-            pooled_cosine_mean=checks.pooled_cosine_mean,
-            pooled_cosine_min=checks.pooled_cosine_min,
-        ),
+        verification=verification_dict(verification, fold_diff, **checks.as_dict()),
         training=training,
         latency_ms=(lat_before, lat_after),
         failures=failures,
-        input_extra={"architecture": loaded.meta["architecture"]},
+        input_extra={
+            "architecture": loaded.meta["architecture"],
+            "model_type": loaded.meta["model_type"],
+        },
         data_extra={"tokens": int(data.x_train.shape[-1])},
     )
     meta = {
@@ -175,17 +164,13 @@ def compress_hf(
         "source_sha256": loaded.sha256,
         "method": "rare",
         "architecture": loaded.meta["architecture"],
-    }
-    # a folded BERT has no self-describing spec yet: --save-pt gets its weights and provenance
-    checkpoint = {
-        "format": "rankshrink-hf-weights",
-        "state_dict": {k: v.detach().clone() for k, v in compressed.state_dict().items()},
-        "meta": meta,
+        "output": output_name,
     }
     return CompressResult(
         report=report,
         onnx=onnx_blob,
-        checkpoint=checkpoint,
+        # the exported module itself: loads through load_model and computes what the ONNX does
+        checkpoint=make_checkpoint(compressed, meta),
         fold=folded,
         verification=verification,
         training=training,

@@ -9,7 +9,8 @@ Pure functions on weight matrices; nothing here touches a model (see
   trained weight matrix that lie inside the Marchenko–Pastur bulk of a pure-noise matrix of the
   same shape are noise and can go.
 - :func:`energy_ranks` spreads a global parameter budget over several layers (the truncated-SVD
-  baseline every method is compared with).
+  baseline every method is compared with); :func:`energy_rank` is one layer's smallest rank that
+  keeps a given share of its spectral energy (RMT-SVD's floor).
 
 Conventions: ``W`` is ``m × n`` as in ``nn.Linear`` (``n = in_features``), ``p = min(m, n)``,
 ``N = max(m, n)``, ``γ = p / N ≤ 1``, eigenvalues ``λ = s² / n``.
@@ -223,6 +224,25 @@ def mp_fit_svals(
         seen.add(rank)
         sigma2, edge, rank = fit(rank)
     return MPFit(rank, sigma2, edge, math.sqrt(n * edge), (p - rank) / p, gamma)
+
+
+def energy_rank(svals: Tensor, fraction: float) -> int:
+    """The smallest rank whose singular values hold at least ``fraction`` of ``Σ s²``.
+
+    ``‖W − W_k‖²_F / ‖W‖²_F ≤ 1 − fraction`` at that rank (Eckart–Young). 0 for ``fraction ≤ 0``
+    or a zero matrix.
+
+    Raises:
+        ValueError: ``fraction`` is above 1.
+    """
+    if fraction > 1:
+        raise ValueError(f"an energy fraction must be at most 1, got {fraction}")
+    energy = svals.detach().double().sort(descending=True).values ** 2
+    total = float(energy.sum())
+    if fraction <= 0 or total == 0:
+        return 0
+    cum = (energy.cumsum(0) / total).numpy()
+    return min(int(np.searchsorted(cum, fraction - 1e-12)) + 1, len(cum))
 
 
 # --- a global budget over several layers -------------------------------------------------------

@@ -1,8 +1,9 @@
-"""``compress --method``: the seed methods besides RaRe, with RaRe's artifacts and checks.
+"""``compress --method``: the seed methods besides RaRe, and combinations, with RaRe's checks.
 
 Truncated SVD (the baseline), RMT-SVD and layer sparsity (SPEC §5) each produce a smaller torch
-model (:mod:`rankshrink.lowrank_layers`, :mod:`rankshrink.layer_sparsity`); this module runs them
-on a loaded model and data file, then exports, verifies and reports exactly as
+model (:mod:`rankshrink.stages`); a combination runs a structural method first and RMT-SVD on
+what it left (``rare+rmt-svd``, ``layer-sparsity+rmt-svd``). This module runs them on a loaded
+model and data file, then exports, verifies and reports exactly as
 :func:`rankshrink.pipeline.compress` does for RaRe, so the CLI, the gates and ``compare`` treat
 every method alike. ``"rare"`` is passed through to the pipeline unchanged.
 """
@@ -21,30 +22,29 @@ from torch import nn
 
 from rankshrink import __version__
 from rankshrink.arch import count_params, make_checkpoint
-from rankshrink.chain import prepare_chain
+from rankshrink.data import Dataset
 from rankshrink.errors import InputError
-from rankshrink.finetune import FineTuneReport, fine_tune_plain
-from rankshrink.layer_sparsity import (
-    LayerSparsityConfig,
-    LayerSparsityReport,
-    as_chain,
-    layer_sparsity,
-)
-from rankshrink.lowrank_layers import (
-    LowRankConfig,
-    LowRankLayer,
-    LowRankLinear,
-    expand_low_rank,
-    low_rank,
-)
+from rankshrink.layer_sparsity import LayerSparsityConfig
+from rankshrink.lowrank_layers import LowRankConfig
 from rankshrink.onnx_export import check_single_file, export_onnx
-from rankshrink.pipeline import CompressConfig, CompressResult, compress, load_inputs
+from rankshrink.pipeline import (
+    CompressConfig,
+    CompressResult,
+    _layer_dict,
+    compress,
+    load_inputs,
+    rare_stage,
+)
 from rankshrink.report import build_report, gate_failures, verification_dict
-from rankshrink.train import StepStats, TrainReport
+from rankshrink.stages import Phase, Stage, low_rank_stage, sparsity_stage, then
+from rankshrink.train import StepStats, TrainConfig, TrainReport
 from rankshrink.transformer_surgery import is_transformer
 from rankshrink.verify import latency_ms, session, verify_export
 
-METHODS = ("rare", "svd", "rmt-svd", "layer-sparsity")
+#: Single methods, then combinations: a structural stage followed by RMT-SVD on what it left.
+SINGLE = ("rare", "svd", "rmt-svd", "layer-sparsity")
+COMBINED = ("rare+rmt-svd", "layer-sparsity+rmt-svd")
+METHODS = SINGLE + COMBINED
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,16 @@ class MethodConfig:
     # svd: keep this fraction of the Linear layers' parameters ... or this rank in every layer
     budget: float | None = 0.5
     rank: int | None = None
-    # rmt-svd: Tracy–Widom units above the Marchenko–Pastur edge, and a rank floor per layer
+    # rmt-svd: Tracy–Widom units above the Marchenko–Pastur edge, a rank floor per layer, and
+    # the share of each layer's spectral energy always kept (see LowRankConfig.min_energy)
     tw_margin: float = 0.0
     min_rank: int = 1
-    # layer-sparsity: weight of the negative-part penalty, and refit steps (None: as many as
-    # the penalized phase)
+    min_energy: float = 0.5
+    # layer-sparsity: weight of the negative-part penalty; layer-sparsity and the combinations:
+    # steps of the refit after the last stage (None: as many as the first stage's --steps)
     lam: float = 0.1
     refit_steps: int | None = None
-    # the caller will save a checkpoint: refuse before fine-tuning when the result has no spec
+    # the caller will save a checkpoint: build one (CompressResult.checkpoint)
     checkpoint: bool = False
 
 
@@ -75,12 +77,12 @@ def compress_method(
 ) -> CompressResult:
     """Compress ``cfg.model`` with ``mcfg.method``; nothing is written to disk.
 
-    ``progress`` is only used by RaRe (the other methods' fine-tuning reports through ``stage``).
+    ``progress`` is only used by RaRe's fine-tuning (also in ``rare+rmt-svd``); the other
+    stages report through ``stage``.
 
     Raises:
         InputError: bad model, data or settings, or a method that does not apply to the model
-            (e.g. layer sparsity on a Transformer), or ``checkpoint`` asked for a result no
-            checkpoint spec describes — all before any fine-tuning (exit 2).
+            (e.g. layer sparsity on a Transformer) — before any fine-tuning (exit 2).
         TrainingDivergedError, ExportError: no trustworthy model came out (exit 3).
     """
     if mcfg.method == "rare":
@@ -104,47 +106,11 @@ def compress_method(
     if not data.has_labels or cfg.train.distill:
         with torch.no_grad():
             teacher = original(data.x_train)
-    t = cfg.train
 
     with _intra_op_threads(1 if _small_model(original, data.x_train[:1]) else None):
-        if mcfg.method == "layer-sparsity":
-            say("penalized fine-tuning, merging, refit")
-            ls_cfg = LayerSparsityConfig(
-                lam=mcfg.lam,
-                steps=t.steps,
-                refit_steps=t.steps if mcfg.refit_steps is None else mcfg.refit_steps,
-                lr=t.lr,
-                batch=t.batch_size,
-                seed=t.seed,
-            )
-            compressed, ls = layer_sparsity(original, data.x_train, data.y_train, teacher, ls_cfg)
-            detail: dict[str, Any] = {"layer_sparsity": _sparsity_dict(ls, mcfg)}
-            phases = [ls.train] + ([ls.refit] if ls.refit is not None else [])
-            layers = _sparsity_layers(ls, as_chain(original), compressed)
-        else:
-            say("truncating")
-            lr_cfg = _low_rank_config(mcfg)
-            # an MLP as the flat chain RaRe also works on (nested Sequentials flattened,
-            # BatchNorm folded), so the result saves as a sequential checkpoint
-            base = prepare_chain(original) if family == "chain" else original
-            compressed, account = low_rank(base, lr_cfg)
-            factored = any(isinstance(m, LowRankLinear) for m in compressed.modules())
-            if mcfg.checkpoint and family == "transformer" and factored:
-                raise InputError(
-                    "--save-pt: a low-rank Transformer has no checkpoint format yet (its"
-                    " attention projections are two-factor layers); drop --save-pt and use the ONNX"
-                )
-            say("fine-tuning")
-            tune = fine_tune_plain(
-                compressed, data.x_train, data.y_train, teacher, t.steps, t.lr,
-                t.batch_size, t.seed, distill=t.distill, cosine=True,
-            )  # fmt: skip
-            if isinstance(compressed, nn.Sequential):
-                compressed = expand_low_rank(compressed)  # a flat chain a sequential spec saves
-            detail = {"low_rank": {"config": asdict(lr_cfg)}}
-            phases = [tune]
-            layers = [_low_rank_layer(a) for a in account]
-    compressed.eval()
+        result = _run_stages(original, family, data, teacher, cfg, mcfg, progress, say)
+    compressed = result.model.eval()
+    detail, layers = result.detail, result.layers
 
     say("exporting")
     example = data.x_train[: min(4, len(data.x_train))]
@@ -164,7 +130,7 @@ def compress_method(
         onnx_blob = after_path.read_bytes()
 
     failures = gate_failures(verification, bytes_after, cfg.max_bytes)
-    training = _training(phases, bytes_after / bytes_before, mcfg.method)
+    training = _training(result.phases, bytes_after / bytes_before)
     report = build_report(
         method=mcfg.method,
         loaded=loaded,
@@ -174,11 +140,11 @@ def compress_method(
         config={
             "method": _method_dict(mcfg),
             "train": {
-                "steps": t.steps,
-                "batch_size": t.batch_size,
-                "lr": t.lr,
-                "distill": t.distill,
-                "seed": t.seed,
+                "steps": cfg.train.steps,
+                "batch_size": cfg.train.batch_size,
+                "lr": cfg.train.lr,
+                "distill": cfg.train.distill,
+                "seed": cfg.train.seed,
             },
             "exporter": cfg.export.exporter,
             "opset": cfg.export.opset,
@@ -214,122 +180,123 @@ def compress_method(
     )
 
 
+def _run_stages(
+    original: nn.Module,
+    family: str,
+    data: Dataset,
+    teacher: torch.Tensor | None,
+    cfg: CompressConfig,
+    mcfg: MethodConfig,
+    progress: Callable[[StepStats], None] | None,
+    say: Callable[[str], None],
+) -> Stage:
+    """Run ``mcfg.method``'s stages on ``original`` (not changed)."""
+    t = cfg.train
+    chain = family == "chain"
+    refit = t.steps if mcfg.refit_steps is None else mcfg.refit_steps
+    if mcfg.method in ("svd", "rmt-svd"):
+        return low_rank_stage(
+            original, chain, _low_rank_config(mcfg), data, teacher, t, t.steps, say
+        )
+    if mcfg.method == "layer-sparsity":
+        return sparsity_stage(
+            original, _sparsity_config(mcfg, t.steps, refit, t), data, teacher, say
+        )
+    rmt = _low_rank_config(mcfg)
+    if mcfg.method == "layer-sparsity+rmt-svd":
+        # no refit between the stages: the one after RMT-SVD refits the merged, truncated network
+        first = sparsity_stage(original, _sparsity_config(mcfg, t.steps, 0, t), data, teacher, say)
+        return then(first, low_rank_stage(first.model, True, rmt, data, teacher, t, refit, say))
+    if mcfg.method == "rare+rmt-svd":
+        run = rare_stage(original, family, data, teacher, cfg, progress, say)
+        first = Stage(
+            run.folded.model,
+            [Phase(run.training)],
+            [_layer_dict(lf) for lf in run.folded.layers],
+            {"rare": {"train": _plain(asdict(run.train_cfg)), "recovery": asdict(run.recovery)}},
+        )
+        # the folded MLP is a plain chain again; a folded Transformer keeps its fused qkv
+        return then(first, low_rank_stage(first.model, chain, rmt, data, teacher, t, refit, say))
+    raise InputError(f"--method must be one of {', '.join(METHODS)}, got {mcfg.method!r}")
+
+
 def _low_rank_config(mcfg: MethodConfig) -> LowRankConfig:
     if mcfg.method == "svd":
         return LowRankConfig("svd", budget=mcfg.budget, rank=mcfg.rank, min_rank=mcfg.min_rank)
-    return LowRankConfig("rmt-svd", tw_margin=mcfg.tw_margin, min_rank=mcfg.min_rank)
-
-
-def _method_dict(mcfg: MethodConfig) -> dict[str, Any]:
-    keys = {
-        "svd": ("budget", "rank", "min_rank"),
-        "rmt-svd": ("tw_margin", "min_rank"),
-        "layer-sparsity": ("lam", "refit_steps"),
-    }[mcfg.method]
-    return {"name": mcfg.method, **{k: getattr(mcfg, k) for k in keys}}
-
-
-def _training(phases: list[FineTuneReport], onnx_ratio: float, method: str) -> TrainReport:
-    """One account of the fine-tuning phases, with a size trajectory for ``--plot``.
-
-    The low-rank methods shrink once, before fine-tuning, so their size ratio is the final one
-    at every step; layer sparsity is full size while penalized and shrinks at the merge.
-    """
-    history: list[dict[str, float]] = []
-    offset = 0
-    for i, phase in enumerate(phases):
-        ratio = 1.0 if method == "layer-sparsity" and i == 0 else onnx_ratio
-        history += [
-            {**h, "step": h["step"] + offset, "size_ratio": ratio, "fusions": 0}
-            for h in phase.history
-        ]
-        offset += phase.steps
-    return TrainReport(
-        steps=offset,
-        seconds=sum(p.seconds for p in phases),
-        fusions=0,
-        fusions_by_layer={},
-        skipped_steps=sum(p.skipped_steps for p in phases),
-        search_refresh=0,
-        history=history,
+    return LowRankConfig(
+        "rmt-svd", tw_margin=mcfg.tw_margin, min_rank=mcfg.min_rank, min_energy=mcfg.min_energy
     )
 
 
-def _low_rank_layer(a: LowRankLayer) -> dict[str, Any]:
-    """SPEC §6's layer keys for a low-rank layer: W' is the rank-k product, the feature width is
-    the bottleneck k (what the ONNX carries between the two MatMuls)."""
-    m, n = a.shape
-    entry: dict[str, Any] = {
-        "name": a.name,
-        "original_shape": [m, n],
-        "core_shape": [m, n],
-        "weight_shape": [m, n],
-        "feature_width": a.rank if a.kind == "factored" else n,
-        "fold_kind": a.kind,
-        "rank": a.rank,
-        "params": a.params_after,
-        "original_params": a.params_before,
-    }
-    if a.kind == "factored":
-        entry["factors"] = [[a.rank, n], [m, a.rank]]  # B (down), then A (up)
-    if a.bulk_fraction is not None:
-        entry["mp_bulk_fraction"] = a.bulk_fraction
-        entry["mp_sigma2"] = a.sigma2
-    return entry
+def _sparsity_config(
+    mcfg: MethodConfig, steps: int, refit_steps: int, t: TrainConfig
+) -> LayerSparsityConfig:
+    return LayerSparsityConfig(
+        lam=mcfg.lam,
+        steps=steps,
+        refit_steps=refit_steps,
+        lr=t.lr,
+        batch=t.batch_size,
+        seed=t.seed,
+    )
 
 
-def _sparsity_layers(
-    ls: LayerSparsityReport, chain: nn.Sequential, merged: nn.Sequential
-) -> list[dict[str, Any]]:
-    """One entry per Linear of the result, named by the chain indices it came from ("3+5")."""
-    merge_of = {s: m for m in ls.merges for s in m.layers}
-    # a merge replaces its sources where its last one stood; the order of the rest is kept
-    names: list[str] = []
-    for i, mod in enumerate(chain):
-        if isinstance(mod, nn.Linear):
-            merge = merge_of.get(str(i))
-            if merge is None:
-                names.append(str(i))
-            elif merge.layers[-1] == str(i):
-                names.append("+".join(merge.layers))
-    linears = [mod for mod in merged if isinstance(mod, nn.Linear)]
-    out: list[dict[str, Any]] = []
-    for name, lin in zip(names, linears, strict=True):
-        merge = merge_of.get(name.split("+")[0]) if "+" in name else None
-        params = sum(p.numel() for p in lin.parameters())
-        shape = [lin.out_features, lin.in_features]
-        out.append(
-            {
-                "name": name,
-                "original_shape": [merge.shapes[-1][0], merge.shapes[0][1]] if merge else shape,
-                "core_shape": shape,
-                "weight_shape": shape,
-                "feature_width": lin.in_features,
-                "fold_kind": "merged" if merge else "kept",
-                "params": params,
-                "original_params": merge.params_before if merge else params,
-            }
-        )
-    return out
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe: NaN (an unset float setting) as null."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in values.items()}
 
 
-def _sparsity_dict(ls: LayerSparsityReport, mcfg: MethodConfig) -> dict[str, Any]:
-    return {
-        "lam": mcfg.lam,
-        "penalized": ls.penalized,
-        "identity": ls.identity,
-        "merges": [
-            {
-                "layers": m.layers,
-                "shapes": [list(s) for s in m.shapes],
-                "shape": list(m.shape),
-                "params_before": m.params_before,
-                "params_after": m.params_after,
-            }
-            for m in ls.merges
-        ],
-        "clamp_change": ls.clamp_change,
-    }
+#: The method's own settings recorded in the report.
+_SETTINGS = {
+    "svd": ("budget", "rank", "min_rank"),
+    "rmt-svd": ("tw_margin", "min_rank", "min_energy"),
+    "layer-sparsity": ("lam", "refit_steps"),
+    "rare+rmt-svd": ("tw_margin", "min_rank", "min_energy", "refit_steps"),
+    "layer-sparsity+rmt-svd": ("lam", "tw_margin", "min_rank", "min_energy", "refit_steps"),
+}
+
+
+def _method_dict(mcfg: MethodConfig) -> dict[str, Any]:
+    return {"name": mcfg.method, **{k: getattr(mcfg, k) for k in _SETTINGS[mcfg.method]}}
+
+
+def _training(phases: list[Phase], onnx_ratio: float) -> TrainReport:
+    """One account of the stages' fine-tuning phases, with a size trajectory for ``--plot``.
+
+    A phase at a known size (layer sparsity's penalized phase: full size) or at the final one
+    (every phase after the last shrink) gets that ratio at each step; a RaRe phase keeps the
+    ratio its own history recorded as fusions shrank the model.
+    """
+    history: list[dict[str, float]] = []
+    offset = fusions = refresh = 0
+    by_layer: dict[str, int] = {}
+    for phase in phases:
+        rep = phase.report
+        ratio = onnx_ratio if phase.size_ratio is None else phase.size_ratio
+        for h in rep.history:
+            own = h.get("size_ratio") if isinstance(rep, TrainReport) else None
+            history.append(
+                {
+                    **h,
+                    "step": h["step"] + offset,
+                    "size_ratio": ratio if own is None else own,
+                    "fusions": h.get("fusions", 0),
+                }
+            )
+        offset += rep.steps
+        if isinstance(rep, TrainReport):
+            fusions += rep.fusions
+            refresh += rep.search_refresh
+            by_layer.update(rep.fusions_by_layer)
+    return TrainReport(
+        steps=offset,
+        seconds=sum(p.report.seconds for p in phases),
+        fusions=fusions,
+        fusions_by_layer=by_layer,
+        skipped_steps=sum(p.report.skipped_steps for p in phases),
+        search_refresh=refresh,
+        history=history,
+    )
 
 
 #: A model whose one-sample forward costs fewer Linear FLOPs than this fine-tunes on one intra-op

@@ -133,37 +133,14 @@ def compress(
     original = loaded.model
     check_single_file(original)  # refuse before fine-tuning, not after
     family = "transformer" if is_transformer(original) else "chain"
-    train_cfg = cfg.train
-    if cfg.auto_target:
-        train_cfg = replace(train_cfg, target_ratio=DEFAULT_TARGET_RATIO[family])
-    recovery = cfg.recovery if cfg.recovery is not None else DEFAULT_RECOVERY[family]
-    chain, size_fn, fold_fn = _prepare(original, family, cfg)
     teacher = None
     if not data.has_labels or cfg.train.distill:
         with torch.no_grad():
             teacher = original(data.x_train)
-
-    say("fine-tuning")
-    threads = torch.get_num_threads()
-    if family == "transformer" and _step_flops(chain, data.x_train, train_cfg) < SMALL_STEP_FLOPS:
-        threads = 1
-    with _intra_op_threads(threads):
-        training = fine_tune_with_recovery_(
-            chain,
-            data.x_train,
-            data.y_train,
-            teacher,
-            train_cfg,
-            recovery,
-            size_fn=size_fn,
-            progress=progress,
-            fine_tune=fine_tune_,
-        )
-
-    say("folding")
-    folded = fold_fn()
+    run = rare_stage(original, family, data, teacher, cfg, progress, say)
+    folded, training, train_cfg, recovery = run.folded, run.training, run.train_cfg, run.recovery
     with torch.no_grad():
-        fold_diff = float((folded.model(data.x_test) - chain.model(data.x_test)).abs().max())
+        fold_diff = float((folded.model(data.x_test) - run.chain.model(data.x_test)).abs().max())
 
     say("exporting")
     example = data.x_train[: min(4, len(data.x_train))]
@@ -213,6 +190,59 @@ def compress(
         training=training,
         gate_failures=failures,
     )
+
+
+@dataclass
+class RareRun:
+    """RaRe's fine-tuning and fold, before any export: what :func:`rare_stage` returns."""
+
+    chain: FactorizedChain  # the factorized model as trained
+    folded: FoldResult | TransformerFold  # its folded (exportable) form
+    training: TrainReport
+    train_cfg: TrainConfig  # the settings used (the family's target ratio filled in)
+    recovery: RecoveryConfig
+
+
+def rare_stage(
+    original: torch.nn.Module,
+    family: str,
+    data: Dataset,
+    teacher: torch.Tensor | None,
+    cfg: CompressConfig,
+    progress: Callable[[StepStats], None] | None = None,
+    stage: Callable[[str], None] | None = None,
+) -> RareRun:
+    """Factorize a copy of ``original``, fine-tune it with RaRe and live fusion, and fold it.
+
+    The in-memory core of :func:`compress`, also the first stage of ``--method rare+rmt-svd``
+    (:mod:`rankshrink.methods`). ``original`` is not changed.
+    """
+    say = stage or (lambda _msg: None)
+    train_cfg = cfg.train
+    if cfg.auto_target:
+        train_cfg = replace(train_cfg, target_ratio=DEFAULT_TARGET_RATIO[family])
+    recovery = cfg.recovery if cfg.recovery is not None else DEFAULT_RECOVERY[family]
+    chain, size_fn, fold_fn = _prepare(original, family, cfg)
+
+    say("fine-tuning")
+    threads = torch.get_num_threads()
+    if family == "transformer" and _step_flops(chain, data.x_train, train_cfg) < SMALL_STEP_FLOPS:
+        threads = 1
+    with _intra_op_threads(threads):
+        training = fine_tune_with_recovery_(
+            chain,
+            data.x_train,
+            data.y_train,
+            teacher,
+            train_cfg,
+            recovery,
+            size_fn=size_fn,
+            progress=progress,
+            fine_tune=fine_tune_,
+        )
+
+    say("folding")
+    return RareRun(chain, fold_fn(), training, train_cfg, recovery)
 
 
 #: Fine-tune on one intra-op thread when a training step costs fewer FLOPs than this. A small

@@ -4,7 +4,8 @@ For each layer: near-parallel pairs of rows (of ``[W|b]``) and of columns at a c
 the most parallel pair, and the effective rank ``exp(H(σ/Σσ))`` (Roy & Vetterli) — what the
 fusion search would find on the trained weights before any fine-tuning — and the
 Marchenko–Pastur reading of RMT-SVD (:func:`rankshrink.lowrank.mp_fit`): how many singular values
-stand above the noise bulk, and what the layer would weigh split at that rank.
+stand above the noise bulk, and what the layer would weigh split at the rank ``compress --method
+rmt-svd`` keeps by default (that count, floored at half the layer's spectral energy).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankshrink.lowrank import mp_fit_svals, split_is_smaller
+from rankshrink.lowrank import energy_rank, mp_fit_svals, split_is_smaller
+from rankshrink.lowrank_layers import LowRankConfig
 from rankshrink.rare import cosine_matrix
 
 
@@ -47,7 +49,9 @@ def inspect_model(model: nn.Module, tau_cos: float = 1e-4) -> list[dict[str, Any
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
         m, n = W.shape
         mp = mp_fit_svals(sv, (m, n))
-        k = max(mp.rank, 1)
+        # the rank compress --method rmt-svd keeps by default: the MP edge, floored at half the
+        # layer's spectral energy
+        k = max(mp.rank, 1, energy_rank(sv, LowRankConfig().min_energy))
         bias = 0 if mod.bias is None else mod.bias.numel()
         rows.append(
             {

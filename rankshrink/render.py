@@ -206,7 +206,11 @@ def compare_table(rows: list[dict[str, Any]], title: str) -> Table:
         "ms, batch 256",
         "seconds",
     ):
-        table.add_column(col, justify="left" if col == "method" else "right")
+        # method names ("layer-sparsity+rmt-svd") and accuracies are never cut or wrapped; the
+        # other headers wrap first
+        method = col == "method"
+        keep = method or col in ("test accuracy", "agreement")
+        table.add_column(col, justify="left" if method else "right", no_wrap=keep)
     base = rows[0] if rows and rows[0]["method"] == "original" else None
     for r in rows:
         if "error" in r:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from rankshrink.data import Dataset, _labels, _read, _tensor, split_dataset
 from rankshrink.errors import InputError
+from rankshrink.token_encoder import TokenEncoderConfig
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 #: a folder's tokenizer files --text can use (a fast tokenizer, or BERT's WordPiece vocabulary)
@@ -163,3 +164,33 @@ def _in_range(t: Tensor, bound: int, name: str, path: Path) -> None:
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= bound:
         raise InputError(f"{path}: '{name}' holds values {lo}..{hi} outside [0, {bound})")
+
+
+def load_for_encoder(
+    path: str | Path, folder: str | Path, cfg: TokenEncoderConfig, seed: int = 0
+) -> Dataset:
+    """``--data`` for a token encoder: a ``.txt`` file is tokenized with ``folder``'s tokenizer
+    (:func:`load_text_data`), anything else read as token arrays (:func:`load_token_data`); ids,
+    lengths and labels are checked against the encoder's ``cfg``.
+
+    Raises:
+        InputError: see those functions; labels given to a base model, or out of range.
+    """
+    path = Path(path)
+    sizes = {
+        "vocab_size": cfg.vocab_size,
+        "max_length": cfg.max_length,
+        "type_vocab_size": cfg.type_vocab_size,
+        "seed": seed,
+    }
+    if path.suffix.lower() == ".txt":
+        data = load_text_data(path, folder, **sizes)
+    else:
+        data = load_token_data(path, **sizes)
+    if data.has_labels:
+        if cfg.kind == "base":
+            raise InputError(f"{path} has labels 'y', but {folder} is a base model")
+        top = int(max(data.y_train.max(), data.y_test.max()))  # type: ignore[union-attr]
+        if top >= cfg.classes:
+            raise InputError(f"{path}: label {top} is out of range for {cfg.classes} classes")
+    return data

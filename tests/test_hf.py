@@ -1,8 +1,10 @@
-"""Hugging Face BERT folders: safe loading, token data, padding, and compress → export → verify.
+"""Hugging Face BERT folders: safe loading, token data, padding, compress → export → verify,
+``verify`` and ``inspect`` on a folder, and ``--save-pt`` checkpoints of the compressed encoder.
 
 Oracles: the ``transformers`` forward ↔ rankshrink's :class:`TokenEncoder` (same weights) ↔ the
-compressed ONNX run by onnxruntime at batch sizes and sequence lengths the export never saw.
-Folders are tiny random configs written locally with ``save_pretrained``; nothing is downloaded.
+compressed ONNX run by onnxruntime at batch sizes and sequence lengths the export never saw ↔ the
+``--save-pt`` checkpoint rebuilt by ``load_model``. Folders are tiny random configs written locally
+with ``save_pretrained``; nothing is downloaded (the other families: ``test_hf_families.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'rankshrink[hf]')"
 )
 
+from rankshrink.arch import make_checkpoint  # noqa: E402
+from rankshrink.checkpoint import load_model  # noqa: E402
 from rankshrink.hf import TokenEncoder, load_hf_folder  # noqa: E402
 from rankshrink.hf_onnx import padded  # noqa: E402
 
@@ -49,8 +53,8 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 
-def _save(path: Path, arch: str, **extra: int) -> Path:
-    torch.manual_seed(0)
+def _save(path: Path, arch: str, seed: int = 0, **extra: int) -> Path:
+    torch.manual_seed(seed)
     config = transformers.BertConfig(**SIZES, **extra)
     getattr(transformers, arch)(config).eval().save_pretrained(path, safe_serialization=True)
     return path
@@ -255,6 +259,14 @@ def test_base_model_compresses_exports_and_verifies(
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.95, cos
 
+    # `verify` re-checks the file against the folder and reproduces the report's numbers
+    result = runner.invoke(app, ["verify", str(folders["base"]), str(out), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    shown = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
+    for key in ("pooled_cosine_mean", "pooled_cosine_min", "max_abs_diff"):
+        assert float(shown[key]) == pytest.approx(ver[key], rel=1e-6), (key, shown[key], ver[key])
+    assert shown["sequence_lengths"] == "[8, 16]" and "agreement" not in shown, shown
+
 
 @pytest.mark.slow
 def test_classifier_compresses_exports_and_verifies(
@@ -316,3 +328,109 @@ def test_text_is_tokenized_with_the_folders_tokenizer(
     result = runner.invoke(app, ["compress", str(sample), "--text", str(text), "--out", str(out)])
     _one_error_line(result, "--text needs a Hugging Face model folder")
     assert not out.exists()
+
+
+# -- verify and inspect on a folder; --save-pt -------------------------------------------------
+
+
+def test_inspect_reads_a_folder(folders: dict[str, Path]) -> None:
+    result = runner.invoke(app, ["inspect", str(folders["classifier"]), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.stdout)["layers"]}
+    per_layer = ["attention.self.query", "attention.self.key", "attention.self.value"]
+    per_layer += ["attention.output.dense", "intermediate.dense", "output.dense"]
+    expected = [f"layers.{i}.{name}" for i in range(2) for name in per_layer]
+    assert list(rows) == [*expected, "pooler.dense", "classifier"], list(rows)
+    assert rows["layers.1.intermediate.dense"]["shape"] == [64, 32]
+    assert rows["classifier"]["shape"] == [3, 32]
+    assert all(0 < r["effective_rank"] <= r["max_rank"] for r in rows.values())
+    text = runner.invoke(app, ["inspect", str(folders["base"])])
+    assert text.exit_code == 0 and "(huggingface, sha256" in text.stdout, text.output
+    assert "pooler" not in text.stdout  # a base model's output does not use its pooler
+    one_line = runner.invoke(app, ["inspect", str(folders["base"]), "--arch", "m:f"])
+    _one_error_line(one_line, "drop --arch")
+
+
+def test_a_loaded_folder_saves_as_a_checkpoint_that_needs_no_transformers(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = {k: torch.from_numpy(v) for k, v in _tokens(5, seed=2).items()}
+    args = (x["input_ids"], x["attention_mask"], x["token_type_ids"])
+    encoders = {kind: load_hf_folder(folder).model for kind, folder in folders.items()}
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import now raises ImportError
+    for kind, encoder in encoders.items():
+        path = tmp_path / f"{kind}.pt"
+        torch.save(make_checkpoint(encoder, {"kind": kind}), path)
+        assert torch.load(path, weights_only=True)["arch"]["type"] == "token_encoder"
+        loaded = load_model(path)
+        assert isinstance(loaded.model, TokenEncoder) and loaded.meta == {"kind": kind}
+        with torch.no_grad():
+            assert torch.equal(loaded.model(*args), encoder(*args)), f"{kind}: outputs differ"
+
+
+def test_forged_token_encoder_specs_are_one_line(tmp_path: Path, folders: dict[str, Path]) -> None:
+    ckpt = make_checkpoint(load_hf_folder(folders["classifier"]).model)
+    forgeries = {
+        "heads": (("config", "heads"), 3, "divisible by heads"),
+        "huge": (("config", "vocab_size"), 2**21, "vocab_size must be an integer"),
+        "act": (("config", "hidden_act"), "gelu_fast", "hidden_act must be one of"),
+        "eps": (("config", "layer_norm_eps"), float("nan"), "layer_norm_eps out of range"),
+        "head": (("config", "head"), "none", "a classifier needs classes and a head"),
+        "blocks": (("blocks",), [None], "'blocks' must list 2 layers"),
+    }
+    for name, (keys, value, needle) in forgeries.items():
+        forged = {**ckpt, "arch": json.loads(json.dumps(ckpt["arch"]))}  # a deep copy
+        *parents, last = keys
+        target = forged["arch"]
+        for key in parents:
+            target = target[key]
+        target[last] = value
+        torch.save(forged, tmp_path / f"{name}.pt")
+        result = runner.invoke(app, ["inspect", str(tmp_path / f"{name}.pt")])
+        _one_error_line(result, needle)
+
+
+def test_save_pt_verify_and_inspect_round_trip(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A short run (no shrinking asserted): the outputs must agree with each other exactly."""
+    tokens = _tokens(100, seed=4)
+    with torch.no_grad():
+        logits = _hf(folders["classifier"])(**{k: torch.from_numpy(v) for k, v in tokens.items()})
+    data, out, small = tmp_path / "tokens.npz", tmp_path / "cls.onnx", tmp_path / "small.pt"
+    np.savez(data, **tokens, y=logits.logits.argmax(-1).numpy())
+    args = ["compress", str(folders["classifier"]), "--data", str(data), "--out", str(out)]
+    result = runner.invoke(app, [*args, "--save-pt", str(small), "--steps", "30", "-q"])
+    assert result.exit_code == 0, result.output
+    ver = json.loads(out.with_suffix(".json").read_text())["verification"]
+    assert ver["batch_max_abs_diff"] <= 1e-4 and [b["length"] for b in ver["by_length"]] == [8, 16]
+
+    # the checkpoint is the exported module: same outputs as the ONNX at an unseen batch/length
+    ckpt = torch.load(small, weights_only=True)
+    assert ckpt["arch"]["type"] == "token_encoder" and all(ckpt["arch"]["blocks"]), ckpt["arch"]
+    assert ckpt["meta"]["output"] == "logits"
+    short = {k: v[:5, :11] for k, v in _tokens(5, seed=8).items()}
+    with torch.no_grad():
+        ours = load_model(small).model(*(torch.from_numpy(short[k]) for k in short)).numpy()
+    diff = float(np.abs(ours - _run_onnx(out, short)).max())
+    assert diff <= 1e-5, f"--save-pt checkpoint vs ONNX max abs diff {diff:.3g}"
+    listed = runner.invoke(app, ["inspect", str(small), "--json"])
+    assert listed.exit_code == 0, listed.output
+    names = [r["name"] for r in json.loads(listed.stdout)["layers"]]
+    assert names[0] == "layers.0.attention.self.qkv" and names[-1] == "classifier", names
+
+    # verify reproduces the report; a gate that fails exits 3; a file for another model exits 2
+    result = runner.invoke(
+        app, ["verify", str(folders["classifier"]), str(out), "--data", str(data), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["passed"] and shown["sequence_lengths"] == [8, 16], shown
+    assert shown["export_batches"] == [3, 20] and shown["padding_max_abs_diff"] <= 1e-4, shown
+    for key in ("agreement", "accuracy_before", "accuracy_after", "max_abs_diff"):
+        assert shown[key] == pytest.approx(ver[key], rel=1e-6), (key, shown[key], ver[key])
+    other = _save(tmp_path / "other", "BertForSequenceClassification", seed=1, num_labels=3)
+    gated = ["verify", str(other), str(out), "--data", str(data), "--min-agreement", "0.99"]
+    result = runner.invoke(app, gated)
+    assert result.exit_code == 3 and "top-1 agreement" in result.output, result.output
+    np.savez(tmp_path / "unlabelled.npz", **tokens)
+    args = ["verify", str(folders["base"]), str(out), "--data", str(tmp_path / "unlabelled.npz")]
+    _one_error_line(runner.invoke(app, args), "does not match the model's")

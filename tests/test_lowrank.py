@@ -21,6 +21,7 @@ from rankshrink.errors import InputError
 from rankshrink.finetune import fine_tune_plain
 from rankshrink.lowrank import (
     TW1_95,
+    energy_rank,
     energy_ranks,
     mp_edges,
     mp_fit,
@@ -43,6 +44,7 @@ from rankshrink.verify import run, session
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "mlp_digits.pt"
+TRANSFORMER = ROOT / "sample_models" / "transformer_digits.pt"
 DIGITS = ROOT / "sample_models" / "digits.npz"
 
 
@@ -234,13 +236,39 @@ def test_svd_budget_is_met_on_the_linear_parameters() -> None:
         plan_low_rank(model, LowRankConfig(method="svd", budget=0.001))
 
 
+def _kept_energy(W: torch.Tensor, rank: int) -> float:
+    """``‖W_k‖²_F / ‖W‖²_F`` measured on the rank-``k`` reconstruction itself."""
+    W = W.detach().double()
+    A, B = truncated_svd(W, rank)
+    return float((A @ B).square().sum() / W.square().sum())
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_energy_rank_is_the_smallest_rank_within_the_error_bound(fraction: float) -> None:
+    # Oracle: the energy the rank-k reconstruction really keeps (Eckart–Young: ‖W_k‖² = Σ_{i≤k} s²)
+    W = _planted(60, 90, 5, 0.1, seed=7)
+    k = energy_rank(torch.linalg.svdvals(W), fraction)
+    assert _kept_energy(W, k) >= fraction - 1e-9, f"rank {k} keeps less energy than {fraction}"
+    if k > 0:
+        assert _kept_energy(W, k - 1) < fraction, f"rank {k - 1} already keeps {fraction}"
+    with pytest.raises(ValueError, match="at most 1"):
+        energy_rank(torch.linalg.svdvals(W), 1.5)
+
+
 def test_rmt_svd_recovers_planted_ranks_inside_a_model() -> None:
     model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    W = _planted(200, 300, 6, 0.05, seed=4)
     with torch.no_grad():
-        model[0].weight.copy_(_planted(200, 300, 6, 0.05, seed=4).float())
-    plan = plan_low_rank(model, LowRankConfig(method="rmt-svd"))
+        model[0].weight.copy_(W.float())
+    plan = plan_low_rank(model, LowRankConfig(method="rmt-svd", min_energy=0.0))
     assert plan[0].kind == "factored" and plan[0].rank == 6, plan[0]
     assert plan[1].kind == "kept", "a 10-row head is below min_dim and must be left alone"
+    # here the noise holds about two thirds of the energy: the default floor keeps more than
+    # the six spikes, exactly the smallest rank holding half of it
+    plan = plan_low_rank(model, LowRankConfig(method="rmt-svd"))
+    k = plan[0].rank
+    assert plan[0].mp.rank == 6 and k > 6, plan[0]
+    assert _kept_energy(W, k) >= 0.5 > _kept_energy(W, k - 1), f"rank {k} is not the floor"
 
 
 def test_rmt_svd_truncates_dense_when_the_split_is_not_smaller() -> None:
@@ -337,4 +365,25 @@ def test_sample_mlp_low_rank_with_a_short_fine_tune_keeps_accuracy(digits, cfg) 
     assert any(e.kind == "factored" for e in report)
     assert after >= before - 1.0, (
         f"{cfg.method}: test accuracy {after:.2f} % after vs {before:.2f} % before (> 1 point drop)"
+    )
+
+
+def test_rmt_svd_energy_floor_on_the_sample_models() -> None:
+    # The sample Transformer's attention value/output projections keep only 13–26 % of their
+    # energy at the bare MP edge; the default floor keeps half of every layer. The sample MLP's
+    # MP ranks already keep more than half, so the floor must leave its plan unchanged.
+    transformer = load_model(TRANSFORMER).model
+    plan = plan_low_rank(transformer, LowRankConfig(method="rmt-svd"))
+    raised = [e.name for e in plan if e.mp is not None and e.rank > e.mp.rank]
+    assert "layers.1.attn.out" in raised, f"the floor raised no attention projection: {raised}"
+    for e in plan:
+        if e.kind == "factored":
+            W = transformer.get_submodule(e.name).weight
+            kept = _kept_energy(W, e.rank)
+            assert kept >= 0.5, f"{e.name}: rank {e.rank} keeps {kept:.1%} of the energy (< 50 %)"
+    mlp = load_model(MLP).model
+    floored = plan_low_rank(mlp, LowRankConfig(method="rmt-svd"))
+    bare = plan_low_rank(mlp, LowRankConfig(method="rmt-svd", min_energy=0.0))
+    assert [e.rank for e in floored] == [e.rank for e in bare] == [11, 20, 15, 10], (
+        "the energy floor changed the sample MLP's RMT-SVD ranks"
     )
