@@ -65,9 +65,11 @@ class CompressConfig:
 #: embeddings, LayerNorms and head never shrink, and its GELU FFN only through index ops, so the
 #: attention projections alone carry the reduction: a lower target would cut them too deep.
 DEFAULT_TARGET_RATIO = {"chain": 0.6, "transformer": 0.7}
-#: The plain recovery phase at the end of fine-tuning (see rankshrink.recovery) per family. The
-#: MLP path's published numbers were measured without one.
-DEFAULT_RECOVERY = {"chain": RecoveryConfig(fraction=0.0), "transformer": RecoveryConfig()}
+#: The plain recovery phase at the end of fine-tuning (see rankshrink.recovery) per family. On the
+#: sample MLP, without it the test accuracy of the default run moved between 96.67 and 98.33 % over
+#: seeds and with float-rounding-level changes to the RaRe gradient; with it, seeds 0-3 gave
+#: 97.22-97.78 % (original 97.78 %) at the same size.
+DEFAULT_RECOVERY = {"chain": RecoveryConfig(), "transformer": RecoveryConfig()}
 
 
 @dataclass
