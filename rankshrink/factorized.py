@@ -105,7 +105,10 @@ class FactorizedLinear(nn.Module):
     @property
     def reduced_shape(self) -> tuple[int, int]:
         """``(m', n')``."""
-        return int(self.V.shape[0]), int(self.V.shape[1])
+        # read from the parameter dict: ``self.V`` goes through nn.Module.__getattr__, and the
+        # training loop asks for this shape many times a step
+        m, n = self._parameters["V"].shape  # type: ignore[union-attr]
+        return m, n
 
     def set_maps(self, P: IndexMap, Q: IndexMap) -> None:
         """Install new index maps (called by fusion only)."""

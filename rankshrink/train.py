@@ -428,7 +428,6 @@ def _scan_(
     return RareTerm(value / (2 * c), entries, 1.0 / (2 * c)), fused
 
 
-@torch.no_grad()
 def _score(
     W: Tensor,
     layer: FactorizedLinear,
