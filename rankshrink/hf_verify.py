@@ -33,6 +33,7 @@ from rankshrink.verify import (
     UntrustedGraphError,
     Verification,
     accuracy,
+    comparison_failures,
     scan_graph,
     session,
 )
@@ -204,17 +205,7 @@ def verify_tokens(
     if not base:
         agreement = at_length["agreement"]
         acc_before, acc_after = accuracy(before, y_test), accuracy(after, y_test)
-        if tol.min_agreement is not None and agreement < tol.min_agreement:
-            failures.append(
-                f"top-1 agreement {agreement:.4f} < --min-agreement {tol.min_agreement:g}"
-            )
-        if tol.max_accuracy_drop is not None and acc_before is not None and acc_after is not None:
-            drop = acc_before - acc_after
-            if drop > tol.max_accuracy_drop:
-                failures.append(
-                    f"accuracy drop {drop:.2f} points > --max-accuracy-drop"
-                    f" {tol.max_accuracy_drop:g}"
-                )
+        failures += comparison_failures(tol, agreement, acc_before, acc_after)
     verification = Verification(
         passed=not failures,
         export_max_abs_diff=export_diff,

@@ -220,6 +220,25 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
+def comparison_failures(
+    tol: Tolerances,
+    agreement: float | None,
+    acc_before: float | None,
+    acc_after: float | None,
+) -> list[str]:
+    """The ``--min-agreement`` and ``--max-accuracy-drop`` gates, one message per failure."""
+    failures = []
+    if tol.min_agreement is not None and agreement is not None and agreement < tol.min_agreement:
+        failures.append(f"top-1 agreement {agreement:.4f} < --min-agreement {tol.min_agreement:g}")
+    if tol.max_accuracy_drop is not None and acc_before is not None and acc_after is not None:
+        drop = acc_before - acc_after
+        if drop > tol.max_accuracy_drop:
+            failures.append(
+                f"accuracy drop {drop:.2f} points > --max-accuracy-drop {tol.max_accuracy_drop:g}"
+            )
+    return failures
+
+
 def verify_export(
     original: nn.Module,
     compressed: nn.Module | None,
@@ -291,14 +310,7 @@ def verify_export(
     max_diff = float(np.abs(before - after).max())
     agreement = float((before.argmax(-1) == after.argmax(-1)).mean()) if classifier else None
     acc_before, acc_after = accuracy(before, y_test), accuracy(after, y_test)
-    if tol.min_agreement is not None and agreement is not None and agreement < tol.min_agreement:
-        failures.append(f"top-1 agreement {agreement:.4f} < --min-agreement {tol.min_agreement:g}")
-    if tol.max_accuracy_drop is not None and acc_before is not None and acc_after is not None:
-        drop = acc_before - acc_after
-        if drop > tol.max_accuracy_drop:
-            failures.append(
-                f"accuracy drop {drop:.2f} points > --max-accuracy-drop {tol.max_accuracy_drop:g}"
-            )
+    failures += comparison_failures(tol, agreement, acc_before, acc_after)
     return Verification(
         passed=not failures,
         export_max_abs_diff=export_diff,
