@@ -239,6 +239,7 @@ def comparison_failures(
     return failures
 
 
+@torch.no_grad()  # verification never needs gradients, and .numpy() refuses tensors that track them
 def verify_export(
     original: nn.Module,
     compressed: nn.Module | None,

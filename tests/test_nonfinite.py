@@ -47,12 +47,15 @@ def inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
 def _poison(
     monkeypatch: pytest.MonkeyPatch, where: str, bad_steps: int, seen: dict[str, Any]
 ) -> None:
-    """Make the first ``bad_steps`` training steps non-finite, in the loss or the gradients."""
+    """Make the first ``bad_steps`` training steps non-finite, in the loss or the gradients.
+
+    The count runs across the fine-tuning calls of one run (the RaRe phase, then recovery).
+    """
     real = pipeline.fine_tune_
+    calls = [0]
 
     def fine_tune_(chain: Any, *args: Any, **kwargs: Any) -> Any:
         model: nn.Module = chain.model
-        calls = [0]
         first = next(p for p in model.parameters() if p.requires_grad)
         if where == "loss":
 
@@ -68,7 +71,7 @@ def _poison(
                 return grad * NAN if calls[0] <= bad_steps else None
 
             handle = first.register_hook(grad_hook)
-        seen["before"] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen.setdefault("before", {k: v.clone() for k, v in model.state_dict().items()})
         try:
             return real(chain, *args, **kwargs)
         finally:
