@@ -207,6 +207,7 @@ def compress_and_time(folder: Path, data: Path, tmp: Path, args: argparse.Namesp
         train=TrainConfig(steps=args.compress_steps, batch_size=args.batch_size, **fields),
         measure_latency=False,
         auto_target="target_ratio" not in fields,
+        threads=args.threads,  # as the step-time part, not the thread policy's count
     )
     start = time.perf_counter()
     result = compress_hf(cfg)

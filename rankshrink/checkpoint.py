@@ -12,10 +12,7 @@ Three input forms, tried in this order and never silently downgraded to an unsaf
 from __future__ import annotations
 
 import hashlib
-import importlib
 import pickle
-import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +22,11 @@ from torch import nn
 
 from rankshrink.arch import CHECKPOINT_FORMAT, build_model, make_checkpoint
 from rankshrink.errors import InputError, UnsafeCheckpointError
+from rankshrink.factory import build_from_factory
 from rankshrink.indexed import IndexedLinear
 from rankshrink.pickles import pickle_globals, unsafe_globals
+from rankshrink.sniff import sniff
+from rankshrink.token_data import TOKEN_KEYS
 
 
 @dataclass
@@ -73,11 +73,11 @@ def load_model(
         )
     if path.stat().st_size == 0:
         raise InputError(f"model file is empty: {path}")
-    _refuse_torchscript(path)
+    _refuse_foreign(path)
     obj = _torch_load(path, trust_pickle)
     digest = sha256_file(path)
     if isinstance(obj, nn.Module):
-        return LoadedModel(_checked(obj.float().eval(), path), path, "pickle", digest)
+        return LoadedModel(checked_weights(obj.float().eval(), path), path, "pickle", digest)
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
     if obj.get("format") == CHECKPOINT_FORMAT:
@@ -93,9 +93,11 @@ def load_model(
             ) from None
         _load_state(model, obj.get("state_dict"), path)
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        return LoadedModel(_checked(model.eval(), path), path, "checkpoint", digest, meta)
+        return LoadedModel(checked_weights(model.eval(), path), path, "checkpoint", digest, meta)
     if "format" in obj:
         raise InputError(f"{path}: unknown checkpoint format {obj['format']!r}")
+    if _looks_like_data(list(obj)):  # torch.save({"x": ..., "y": ...}): a .pt data file
+        raise _data_file_error(path, ".pt tensors", [str(k) for k in obj])
     state = obj.get("state_dict", obj)
     if (
         not isinstance(state, dict)
@@ -107,24 +109,53 @@ def load_model(
         raise InputError(
             f"{path} is a bare state_dict with no architecture; pass --arch module:factory"
         )
-    model = _build_from_factory(arch)
+    model = build_from_factory(arch, path)
     _load_state(model, state, path)
-    return LoadedModel(_checked(model.float().eval(), path), path, "state_dict+arch", digest)
+    return LoadedModel(checked_weights(model.float().eval(), path), path, "state_dict+arch", digest)
 
 
-def _refuse_torchscript(path: Path) -> None:
+#: the array names of a data file (rankshrink.data, rankshrink.token_data)
+_DATA_KEYS = frozenset({"x", "y", "train_idx", "test_idx", *TOKEN_KEYS})
+
+
+def _refuse_foreign(path: Path) -> None:
+    """Refuse, by content, files that are not checkpoints before torch.load reports them in its
+    own words (``[enforce fail at inline_container.cc:180] ...`` for an .npz)."""
     try:
-        if not zipfile.is_zipfile(path):
-            return
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except Exception:  # BadZipFile, OSError, UnicodeDecodeError on a garbled name, ...
-        return  # not a readable zip: torch.load will say what is wrong with it
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        found = sniff(path)
+    except OSError as exc:
+        raise InputError(f"cannot read the model file {path} ({exc.strerror or exc})") from None
+    if found.kind == "torchscript":
         raise InputError(
             f"{path} is a TorchScript archive; rankshrink needs a state_dict or checkpoint"
             " (save with torch.save(model.state_dict(), ...))"
         )
+    if found.kind in ("npz", "safetensors") and _looks_like_data(found.names):
+        kind = ".npz arrays" if found.kind == "npz" else ".safetensors tensors"
+        raise _data_file_error(path, kind, found.names)
+    if found.kind in ("npz", "npy"):
+        raise InputError(
+            f"{path} is a NumPy {'archive' if found.kind == 'npz' else 'array file'}, not a"
+            " model; give a checkpoint saved with torch.save (or a Hugging Face folder) as MODEL"
+        )
+    if found.kind == "safetensors":
+        raise InputError(
+            f"{path} is a safetensors file of bare tensors ({_listed(found.names)});"
+            " rankshrink reads safetensors weights inside a Hugging Face folder (with"
+            " config.json): pass the folder, or a checkpoint saved with torch.save"
+        )
+
+
+def _looks_like_data(names: list[object]) -> bool:
+    """Inputs (``x`` or ``input_ids``) and nothing a data file would not hold."""
+    return not {"x", "input_ids"}.isdisjoint(names) and set(names) <= _DATA_KEYS
+
+
+def _data_file_error(path: Path, kind: str, names: list[str]) -> InputError:
+    return InputError(
+        f"{path} looks like a data file ({kind} {_listed(names)}), not a model; pass it as"
+        " --data and give the checkpoint as MODEL"
+    )
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
@@ -174,27 +205,6 @@ def _first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:160]
 
 
-def _build_from_factory(arch: str) -> nn.Module:
-    module_name, _, factory_name = arch.partition(":")
-    if not module_name or not factory_name:
-        raise InputError(f"--arch must look like module:factory, got {arch!r}")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # let --arch name a module in the current directory
-    try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as exc:
-        raise InputError(f"--arch {arch}: cannot import ({_first_line(exc)})") from None
-    try:
-        model = factory()
-    except Exception as exc:  # the user's code failing is still bad input to this tool
-        raise InputError(
-            f"--arch {arch}: the factory raised {type(exc).__name__} ({_first_line(exc)})"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
-    return model
-
-
 def _load_state(model: nn.Module, state: Any, path: Path) -> None:
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise InputError(f"{path}: state_dict missing or not a dict with string keys")
@@ -230,8 +240,14 @@ def _kind(dtype: torch.dtype) -> str:
     return "float" if dtype.is_floating_point else "int"
 
 
-def _checked(model: nn.Module, path: Path) -> nn.Module:
-    """Refuse weights that are not finite and index maps that point outside their layer."""
+def checked_weights(model: nn.Module, path: Path) -> nn.Module:
+    """``model``, once its weights are known to be finite and its index maps to stay inside
+    their layer.
+
+    Raises:
+        InputError: a NaN or Inf value, a tensor that is not dense and real, or an index map
+            out of range (naming the tensor and ``path``).
+    """
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.dtype.is_complex or tensor.is_meta or tensor.layout != torch.strided:
             raise InputError(f"{path}: tensor {name} is not a dense real tensor ({tensor.dtype})")

@@ -88,6 +88,42 @@ class Exporter(StrEnum):
     torchscript = "torchscript"
 
 
+class TaskKind(StrEnum):
+    auto = "auto"
+    classifier = "classifier"
+    binary = "binary"
+    regression = "regression"
+
+
+# The quality-gate options, shared by compress and verify (defaults: rankshrink.gates).
+TaskOption = Annotated[
+    TaskKind,
+    typer.Option(
+        help="What the model outputs; picks the default gates"
+        " (auto: 1 output binary, else classifier)."
+    ),
+]
+MaxAccuracyDrop = Annotated[
+    float | None,
+    typer.Option(help="Gate: max test-accuracy drop in points. [default: 1, with labels]"),
+]
+MinAgreement = Annotated[
+    float | None,
+    typer.Option(help="Gate: min top-1/decision agreement with the original, 0–1. [default: 0.95]"),
+]
+MinCosine = Annotated[
+    float | None,
+    typer.Option(help="Gate (hidden states): min mean pooled cosine, -1–1. [default: 0.98]"),
+]
+MaxProbDiff = Annotated[
+    float | None, typer.Option(help="Gate (binary): max mean |Δp|, 0–1. [default: 0.05]")
+]
+MaxRelError = Annotated[
+    float | None,
+    typer.Option(help="Gate (regression): max ‖after − before‖/‖before‖. [default: 0.05]"),
+]
+
+
 class _Terminated(BaseException):
     """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so that no ``except Exception``
     on the way up (the exporters have many) turns it into an ordinary failure."""
@@ -191,8 +227,11 @@ def _console(quiet: bool = False) -> Console:
 
 
 def _width() -> int | None:
-    """Tables need ~110 columns; a pipe or CI log would otherwise be cut to rich's 80."""
-    return None if sys.stdout.isatty() else 120
+    """A terminal's own width; off a terminal (a pipe, a CI log) the width the tables are laid
+    out for, where rich would otherwise assume 80 columns."""
+    from rankshrink.render import WIDTH
+
+    return None if sys.stdout.isatty() else WIDTH
 
 
 def _require(ok: bool, message: str) -> None:
@@ -200,11 +239,43 @@ def _require(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
+def _tolerances(
+    task: TaskKind,
+    max_accuracy_drop: float | None,
+    min_agreement: float | None,
+    min_cosine: float | None,
+    max_prob_diff: float | None,
+    max_rel_error: float | None,
+    export_atol: float = 1e-4,
+) -> Tolerances:
+    """The quality-gate flags, checked (finite, in range), as Tolerances."""
+    from rankshrink.gates import validate
+
+    tol = Tolerances(
+        export_atol=export_atol,
+        max_accuracy_drop=max_accuracy_drop,
+        min_agreement=min_agreement,
+        min_cosine=min_cosine,
+        max_prob_diff=max_prob_diff,
+        max_rel_error=max_rel_error,
+        task=task.value,
+    )
+    validate(tol)
+    return tol
+
+
 def _require_finite(**flags: float | None) -> None:
     """Reject nan/inf numeric flags: a NaN gate never fails and an inf rate diverges at step 1."""
     for name, value in flags.items():
         if value is not None and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+#: --threads of compress and compare: one meaning for both (rankshrink.threads).
+_THREADS_HELP = (
+    "Intra-op threads; 0: the thread policy (one for small training steps, more for big ones;"
+    " the report records the count)."
+)
 
 
 @app.command(cls=_Command)
@@ -319,18 +390,16 @@ def compress(
         ),
     ] = True,
     seed: Annotated[int, typer.Option(help="Random seed (batches, dropout, split).")] = 0,
+    threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 0,
     max_bytes: Annotated[
         int | None, typer.Option(help="Gate: fail (exit 3) if the compressed ONNX is larger.")
     ] = None,
-    max_accuracy_drop: Annotated[
-        float | None, typer.Option(help="Gate: fail (exit 3) if test accuracy drops more points.")
-    ] = None,
-    min_agreement: Annotated[
-        float | None,
-        typer.Option(
-            help="Gate: fail (exit 3) if top-1 agreement with the original is lower (0–1)."
-        ),
-    ] = None,
+    task: TaskOption = TaskKind.auto,
+    max_accuracy_drop: MaxAccuracyDrop = None,
+    min_agreement: MinAgreement = None,
+    min_cosine: MinCosine = None,
+    max_prob_diff: MaxProbDiff = None,
+    max_rel_error: MaxRelError = None,
     export_atol: Annotated[
         float,
         typer.Option(help="Max abs diff allowed between the compressed torch model and its ONNX."),
@@ -378,10 +447,18 @@ def compress(
             tau_euc=tau_euc,
             target_ratio=target_ratio,
             export_atol=export_atol,
-            max_accuracy_drop=max_accuracy_drop,
-            min_agreement=min_agreement,
+        )
+        tolerances = _tolerances(
+            task,
+            max_accuracy_drop,
+            min_agreement,
+            min_cosine,
+            max_prob_diff,
+            max_rel_error,
+            export_atol=export_atol,
         )
         _require(steps > 0, f"--steps must be positive, got {steps}")
+        _require(threads >= 0, f"--threads must be ≥ 0 (0: the thread policy), got {threads}")
         _require_finite(
             budget=budget,
             tw_margin=tw_margin,
@@ -414,9 +491,6 @@ def compress(
             f"--target-ratio must be in (0, 1), got {target_ratio}",
         )
         _require(export_atol > 0, f"--export-atol must be positive, got {export_atol}")
-        _require(
-            min_agreement is None or 0 <= min_agreement <= 1, "--min-agreement must be in [0, 1]"
-        )
         _require(max_bytes is None or max_bytes > 0, "--max-bytes must be positive")
         _require(7 <= opset <= 23, f"--opset must be between 7 and 23, got {opset}")
         model_path, data_path = Path(model), Path(data)
@@ -447,8 +521,9 @@ def compress(
             frobenius=not no_frobenius,
             axis_policy=axis_policy.value,
             export=ExportConfig(exporter=exporter.value, opset=opset),
-            tolerances=Tolerances(export_atol, max_accuracy_drop, min_agreement),
+            tolerances=tolerances,
             max_bytes=max_bytes,
+            threads=threads or None,
             # no --target-ratio: the pipeline picks the model family's default
             auto_target=target_ratio is None and not (no_target or no_fusion),
         )
@@ -563,18 +638,17 @@ def _show_progress(
         last = [0]
 
         def plain(stats: StepStats) -> None:  # one line every 10% when not on a terminal
+            from rankshrink.render import progress_line
+
             if (not quiet and stats.step >= last[0] + max(1, steps // 10)) or stats.step == steps:
                 last[0] = stats.step
-                console.print(
-                    f"step {stats.step}/{stats.steps}  loss {stats.loss:.4f}  size {stats.size_ratio:.1%}"
-                    f"  fusions {stats.fusions}"
-                )
+                console.print(progress_line(stats))
 
         return fn(plain, lambda msg: console.print(f"[dim]{msg}…[/dim]"))
     from rankshrink.render import progress_fields, training_progress
 
     with training_progress(console) as bar:
-        task = bar.add_task("fine-tuning", total=steps, loss=0.0, size=1.0, params=0, fusions=0)
+        task = bar.add_task("fine-tuning", total=steps, loss=0.0, size=1.0, fusions=0)
 
         def update(stats: StepStats) -> None:
             bar.update(task, completed=stats.step, **progress_fields(stats))
@@ -606,55 +680,53 @@ def verify(
     trust_pickle: Annotated[
         bool, typer.Option("--trust-pickle", help="Allow unpickling a full nn.Module.")
     ] = False,
-    max_accuracy_drop: Annotated[
-        float | None, typer.Option(help="Gate: exit 3 if accuracy drops more points.")
-    ] = None,
-    min_agreement: Annotated[
-        float | None, typer.Option(help="Gate: exit 3 if top-1 agreement is lower (0–1).")
-    ] = None,
+    task: TaskOption = TaskKind.auto,
+    max_accuracy_drop: MaxAccuracyDrop = None,
+    min_agreement: MinAgreement = None,
+    min_cosine: MinCosine = None,
+    max_prob_diff: MaxProbDiff = None,
+    max_rel_error: MaxRelError = None,
     seed: Annotated[
         int, typer.Option(help="Seed of the split when the data file records none.")
     ] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Re-check an exported ONNX file against its original model on held-out data."""
+    """Re-check an exported ONNX file against its original model on held-out data: first that
+    the file belongs to the model, then fidelity and the quality gates (exit 3 if any fails)."""
+    from rankshrink.gates import model_task
     from rankshrink.pipeline import load_inputs
+    from rankshrink.render import verdict_line, verification_table
+    from rankshrink.report import verification_dict
     from rankshrink.verify import verify_export
 
     console, err = _console(), _err_console()
     with _errors(err):
         _require(bool(data), "verify needs --data FILE to compare outputs")
-        _require_finite(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
+        tol = _tolerances(
+            task, max_accuracy_drop, min_agreement, min_cosine, max_prob_diff, max_rel_error
+        )
         onnx_path = Path(onnx_file)
         _require(onnx_path.is_file(), f"ONNX file not found: {onnx_path}")
-        tol = Tolerances(max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement)
         if Path(model).is_dir():  # a Hugging Face folder: token data, two lengths and batches
             from rankshrink.hf_verify import verify_folder
 
             args = (Path(model), onnx_path, Path(data), tol, seed, arch, trust_pickle)
-            result, payload = verify_folder(*args)
+            result, checks = verify_folder(*args)
+            payload = verification_dict(result, **checks.as_dict())
         else:
-            loaded, ds, classifier = load_inputs(Path(model), Path(data), arch, trust_pickle, seed)
-            result = verify_export(
-                loaded.model, None, onnx_path, ds.x_test, ds.y_test, tol, classifier
-            )
-            payload = {
-                "passed": result.passed,
-                "max_abs_diff": result.max_abs_diff,
-                "agreement": result.agreement,
-                "accuracy_before": result.accuracy_before,
-                "accuracy_after": result.accuracy_after,
-                "samples": result.samples,
-                "failures": result.failures,
-            }
+            loaded, ds, _ = load_inputs(Path(model), Path(data), arch, trust_pickle, seed)
+            kind = model_task(loaded.model, ds.x_test, tol, ds.has_labels)
+            result = verify_export(loaded.model, None, onnx_path, ds.x_test, ds.y_test, tol, kind)
+            payload = verification_dict(result)
         if json_out:
             console.print_json(json.dumps(payload))
-        else:
-            for key, value in payload.items():
-                if key != "failures":
-                    console.print(f"{key}: {value}")
+            if not result.passed:  # the JSON is on stdout; the reason, in one line, on stderr
+                raise GateError("; ".join(result.failures))
+            return
+        console.print(verification_table(payload))
+        console.print(verdict_line(payload), soft_wrap=True)
         if not result.passed:
-            raise GateError("; ".join(result.failures))
+            raise typer.Exit(3)  # the verdict line said which gate failed, and by how much
 
 
 @app.command(cls=_Command)
@@ -672,7 +744,7 @@ def inspect(
     """List the layers, their shapes and a data-free redundancy estimate; no training."""
     from rankshrink.hf import load_model_or_folder  # a checkpoint or a Hugging Face folder
     from rankshrink.redundancy import inspect_model
-    from rankshrink.render import inspect_table
+    from rankshrink.render import inspect_summary, inspect_table
 
     console, err = _console(), _err_console()
     with _errors(err):
@@ -683,8 +755,9 @@ def inspect(
                 json.dumps({"model": model, "sha256": loaded.sha256, "layers": rows})
             )
         else:
-            console.print(f"{model}  ({loaded.source}, sha256 {loaded.sha256[:12]})")
-            console.print(inspect_table(rows))
+            console.print(f"{escape(model)}  ({loaded.source}, sha256 {loaded.sha256[:12]})")
+            console.print(inspect_table(rows, tau_cos))
+            console.print(inspect_summary(rows))
 
 
 @app.command(cls=_Command)
@@ -702,9 +775,7 @@ def compare(
         str, typer.Option(help="Comma-separated methods to run.")
     ] = "rare,svd,rmt-svd,layer-sparsity,layer-sparsity+rmt-svd",
     seed: Annotated[int, typer.Option(help="Random seed (batches, split).")] = 0,
-    threads: Annotated[
-        int, typer.Option(help="Intra-op threads for every run (0: torch's default).")
-    ] = 1,
+    threads: Annotated[int, typer.Option(help=_THREADS_HELP)] = 0,
     out_json: Annotated[
         str | None, typer.Option("--out-json", help="Write the table as JSON here.")
     ] = None,
@@ -729,7 +800,7 @@ def compare(
     with _errors(err) as run:
         _require(bool(data), "compare needs --data FILE (inputs x, optional labels y)")
         _require(steps > 0, f"--steps must be positive, got {steps}")
-        _require(threads >= 0, f"--threads must be ≥ 0, got {threads}")
+        _require(threads >= 0, f"--threads must be ≥ 0 (0: the thread policy), got {threads}")
         try:
             fractions = tuple(float(b) for b in budgets.split(",") if b.strip())
         except ValueError:

@@ -23,8 +23,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rankshrink.errors import GateError, UnsupportedModelError
 from rankshrink.methods import MethodConfig, compress_method
 from rankshrink.pipeline import CompressConfig
@@ -50,11 +48,10 @@ class CompareConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     arch: str | None = None
     trust_pickle: bool = False
-    # intra-op threads for every run (None: torch's default). One by default: the sample models'
-    # steps are per-op overhead that a second thread does not split, and on a shared machine
-    # every op's barrier waits for a descheduled worker (RaRe on the sample MLP under load: tens
-    # of ms per step on two threads) — and equal threads keep the "seconds" column comparable.
-    threads: int | None = 1
+    # intra-op threads for every run, as compress's --threads (None: the thread policy's count,
+    # rankshrink.threads; it depends only on the model and the batch, so every run gets the same
+    # count and the "seconds" column stays comparable)
+    threads: int | None = None
 
 
 @dataclass
@@ -90,16 +87,6 @@ def compare(cfg: CompareConfig, on_run: Callable[[str], None] | None = None) -> 
     Raises:
         InputError: bad model, data or settings (the first run finds them).
     """
-    previous = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _compare(cfg, on_run)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _compare(cfg: CompareConfig, on_run: Callable[[str], None] | None) -> Comparison:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     original: dict[str, Any] | None = None
@@ -114,6 +101,7 @@ def _compare(cfg: CompareConfig, on_run: Callable[[str], None] | None) -> Compar
             trust_pickle=cfg.trust_pickle,
             train=train,
             measure_latency=False,  # measured below, at every batch size, for every file
+            threads=cfg.threads,
             # RaRe inside a combination aims at the family's default target, as compress does
             auto_target=method == "rare+rmt-svd",
         )
@@ -143,6 +131,7 @@ def _compare(cfg: CompareConfig, on_run: Callable[[str], None] | None) -> Compar
                 "accuracy": ver["accuracy_after"],
                 "agreement": ver["agreement"],
                 "max_abs_diff": ver["max_abs_diff"],
+                "samples": ver["samples"],  # held-out samples: one of them is 100/n points
                 **_latencies(result.onnx, cfg),
                 "seconds": seconds,
                 "passed": ver["passed"],
@@ -171,6 +160,7 @@ def _original_row(cfg: CompareConfig, rep: dict[str, Any]) -> dict[str, Any]:
         "accuracy": ver["accuracy_before"],
         "agreement": 1.0 if ver["agreement"] is not None else None,
         "max_abs_diff": 0.0,
+        "samples": ver["samples"],
         **_latencies(blob, cfg),
         "seconds": 0.0,
         "passed": True,

@@ -53,6 +53,11 @@ def load_data(path: str | Path, seed: int = 0) -> Dataset:
     if path.stat().st_size == 0:
         raise InputError(f"data file is empty: {path}")
     arrays = _read(path)
+    if "x" not in arrays and {"state_dict", "arch"} & set(arrays):  # the two files swapped
+        raise InputError(
+            f"{path} looks like a model checkpoint, not a data file; give it as MODEL and the"
+            " data (arrays x, optional y) as --data"
+        )
     if "x" not in arrays:
         raise InputError(
             f"{path} has no array 'x' (found: {', '.join(sorted(map(str, arrays))) or 'nothing'})"
@@ -77,7 +82,7 @@ def split_dataset(
         split = "recorded"
     else:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        cut = max(1, round(0.8 * n))
+        cut = max(1, min(n - 1, round(0.8 * n)))  # two samples: one each side, not 2/0
         train, test = perm[:cut].sort().values, perm[cut:].sort().values
         split = "seeded 80/20"
     if train.numel() == 0 or test.numel() == 0:
@@ -189,16 +194,3 @@ def _split(arrays: dict[str, Any], n: int, path: Path) -> tuple[Tensor, Tensor]:
         )
     return parts[0], parts[1]
 
-
-def check_against_model(
-    data: Dataset, outputs: Tensor, in_width_error: str | None, path: Path
-) -> None:
-    """Check labels against the model's output width (call after a trial forward pass)."""
-    if in_width_error is not None:
-        raise InputError(f"{path}: {in_width_error}")
-    if data.y_train is None:
-        return
-    classes = outputs.shape[-1]
-    top = int(max(data.y_train.max(), data.y_test.max()))  # type: ignore[union-attr]
-    if top >= classes:
-        raise InputError(f"{path}: label {top} is out of range for a model with {classes} outputs")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rankshrink.checkpoint import LoadedModel, load_model, sha256_file
+from rankshrink.checkpoint import LoadedModel, checked_weights, load_model, sha256_file
 from rankshrink.errors import InputError, UnsupportedModelError
 from rankshrink.hf_families import (
     BASE_ARCHITECTURE,
@@ -39,6 +39,7 @@ from rankshrink.token_encoder import (
     TokenEncoder,
     TokenEncoderConfig,
 )
+from rankshrink.token_spec import _MAX_FIELD, _MAX_PARAMS
 
 __all__ = [
     "SUPPORTED",
@@ -97,7 +98,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise InputError(f"{path} is a directory without config.json; not a Hugging Face folder")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{file} is not readable JSON ({str(exc)[:120]})") from None
     if not isinstance(config, dict):
         raise InputError(f"{file} must hold a JSON object")
@@ -112,7 +113,7 @@ def read_config(path: Path) -> dict[str, Any]:
             f" (supported: {', '.join(MODEL_TYPES)})"
         )
     archs = config.get("architectures") or [BASE_ARCHITECTURE[model_type]]
-    if not isinstance(archs, list) or archs[0] not in SUPPORTED:
+    if not isinstance(archs, list) or not isinstance(archs[0], str) or archs[0] not in SUPPORTED:
         names = ", ".join(a for a, (mt, _) in SUPPORTED.items() if mt == model_type)
         raise UnsupportedModelError(
             f"{file}: architecture {archs!r:.60} is not supported (supported: {names})"
@@ -121,7 +122,71 @@ def read_config(path: Path) -> dict[str, Any]:
         raise UnsupportedModelError(
             f"{file}: architecture {archs[0]} does not go with model_type {model_type!r}"
         )
+    _check_values(config, file)
     return config
+
+
+#: config.json's integer fields -> the lowest and highest value accepted. Checked before the
+#: library builds anything: it would allocate a 2**40-row table, spend minutes building 10**6
+#: layers, or fill a 10**12-entry id2label dict before any error. The bounds of a token_encoder
+#: checkpoint (rankshrink.token_spec), but layers, which cost Python objects, not just memory.
+_INT_FIELDS = {
+    "vocab_size": (1, _MAX_FIELD),
+    "hidden_size": (1, _MAX_FIELD),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, _MAX_FIELD),
+    "intermediate_size": (1, _MAX_FIELD),
+    "max_position_embeddings": (1, _MAX_FIELD),
+    "type_vocab_size": (1, _MAX_FIELD),
+    "num_labels": (1, _MAX_FIELD),
+    "pad_token_id": (0, _MAX_FIELD),  # or null
+    "embedding_size": (1, _MAX_FIELD),  # ELECTRA only; the other families ignore it
+}
+#: config.json's numbers in [0, 1) (the eps not 0; classifier_dropout may be null)
+_RATE_FIELDS = (
+    "layer_norm_eps",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+)
+#: what a field left out of config.json defaults to (BERT-base): an upper bound for the others
+_DEFAULT_SIZES = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+}
+
+
+def _check_values(config: dict[str, Any], file: Path) -> None:
+    """Refuse sizes and rates that no model has, before the library allocates for them."""
+    for name, (low, high) in _INT_FIELDS.items():
+        if name not in config or (name == "embedding_size" and config["model_type"] != "electra"):
+            continue
+        value = config[name]
+        if value is None and name == "pad_token_id":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise InputError(
+                f"{file}: {name} must be an integer in [{low}, {high}], got {value!r:.40}"
+            )
+    for name in _RATE_FIELDS:
+        value = config.get(name)
+        if value is None and (name not in config or name == "classifier_dropout"):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        # NaN fails both comparisons; an eps of 0 divides by zero on a constant input
+        if not number or not 0 <= value < 1 or (name == "layer_norm_eps" and value == 0):
+            raise InputError(f"{file}: {name} must be a number in [0, 1), got {value!r:.40}")
+    size = {k: config.get(k, v) for k, v in _DEFAULT_SIZES.items()}
+    C, N = size["hidden_size"], size["intermediate_size"]
+    E = config.get("embedding_size", C) if config["model_type"] == "electra" else C
+    rows = size["vocab_size"] + size["max_position_embeddings"] + size["type_vocab_size"]
+    params = rows * E + E * C + size["num_hidden_layers"] * (4 * C * C + 2 * C * N) + C * C
+    if params > _MAX_PARAMS:
+        raise InputError(f"{file}: its sizes describe {params:,} parameters; that is too large")
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -136,12 +201,14 @@ def weight_files(path: Path) -> list[Path]:
         return [single]
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            document = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InputError(f"{index} is not a safetensors index ({str(exc)[:120]})") from None
-        files = []
-        for name in names:
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
+        names: set[str] = set()
+        for name in weight_map.values():
             # a shard must be a file in this folder: no paths, no "..", nothing outside it
             if (
                 not isinstance(name, str)
@@ -153,6 +220,9 @@ def weight_files(path: Path) -> list[Path]:
                 raise InputError(
                     f"{index}: shard {name!r:.60} is not a plain .safetensors file name in the folder"
                 )
+            names.add(name)
+        files = []
+        for name in sorted(names):
             if not (path / name).is_file():
                 raise InputError(f"{index} lists {name}, which is not in {path}")
             files.append(path / name)
@@ -201,18 +271,26 @@ def load_hf_folder(path: str | Path) -> LoadedModel:
             trust_remote_code=False,
             use_safetensors=True,
             attn_implementation="eager",
+            ignore_mismatched_sizes=True,  # reported below in our words, not the library's
             output_loading_info=True,
         )
     except Exception as exc:  # the library raises many types for a bad folder
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputError(f"{path}: cannot load the model ({first[:200]})") from None
-    missing = list(info.get("missing_keys") or []) + list(info.get("mismatched_keys") or [])
-    if missing:  # the library would fill them with random values; that is not the user's model
+    # the library fills missing or mismatched tensors with random values: not the user's model
+    mismatched = sorted(info.get("mismatched_keys") or [], key=str)
+    if mismatched:
         raise InputError(
-            f"{path}: the weights lack {len(missing)} tensors the config needs"
-            f" (e.g. {str(missing[0])[:80]})"
+            f"{path}: config.json gives other shapes than the weights for"
+            f" {_tensors(len(mismatched))} (e.g. {_mismatch(mismatched[0])})"
         )
-    model = model.float().eval()
+    missing = sorted(map(str, info.get("missing_keys") or []))
+    if missing:
+        raise InputError(
+            f"{path}: the weights lack {_tensors(len(missing))} the config needs"
+            f" (e.g. {missing[0][:80]})"
+        )
+    model = checked_weights(model.float().eval(), path)  # NaN/Inf: refused like a checkpoint's
     cfg = encoder_config(model.config, model_type, kind, str(path))
     batch, reference = _reference(model, cfg, path)  # before the encoder takes the weights
     encoder = encoder_from_hf(model, cfg, str(path))
@@ -220,6 +298,18 @@ def load_hf_folder(path: str | Path) -> LoadedModel:
     digest = sha256_file(files[0]) if len(files) == 1 else _folder_digest(files)
     meta = {"architecture": arch, "model_type": model_type, "config": config}
     return LoadedModel(encoder, path, "huggingface", digest, meta)
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
+def _mismatch(entry: Any) -> str:
+    """``(name, shape in the file, shape the config gives)``, as transformers reports it."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, in_file, wanted = entry
+        return f"{name}: {tuple(in_file)} in the weights, {tuple(wanted)} by the config"
+    return str(entry)[:120]
 
 
 def load_model_or_folder(
@@ -264,6 +354,11 @@ def _reference(
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(f"{path}: cannot run the model ({first[:160]})") from None
     ref = out.last_hidden_state[mask.bool()] if cfg.kind == "base" else out.logits
+    if not bool(torch.isfinite(ref).all()):  # finite weights can still overflow (1e38 * 1e38)
+        raise InputError(
+            f"{path}: the library's own forward gives NaN or Inf on a test batch; the weights"
+            " hold values too large to compute with"
+        )
     return (ids, mask, types), ref
 
 

@@ -78,7 +78,8 @@ def encoder_config(config: Any, model_type: str, kind: str, where: str) -> Token
         kind=kind,
         vocab_size=int(config.vocab_size),
         hidden_size=hidden,
-        embedding_size=int(getattr(config, "embedding_size", hidden)),
+        # only ELECTRA embeds into its own width; the others ignore a stray embedding_size
+        embedding_size=int(config.embedding_size) if family == "electra" else hidden,
         layers=int(config.num_hidden_layers),
         heads=int(config.num_attention_heads),
         intermediate_size=int(config.intermediate_size),

@@ -21,28 +21,30 @@ import torch
 
 from rankshrink import __version__
 from rankshrink.arch import count_params, make_checkpoint
+from rankshrink.checkpoint import LoadedModel
+from rankshrink.data import Dataset
 from rankshrink.errors import InputError
+from rankshrink.gates import size_gates
 from rankshrink.hf import PackedTokens, TokenEncoder, load_hf_folder, token_layout
 from rankshrink.hf_onnx import export_tokens, session, token_latency_ms
-from rankshrink.hf_verify import verify_tokens
+from rankshrink.hf_verify import encoder_task, verify_tokens
 from rankshrink.onnx_export import check_single_file
 from rankshrink.pipeline import (
     DEFAULT_RECOVERY,
     DEFAULT_TARGET_RATIO,
-    SMALL_STEP_FLOPS,
     CompressConfig,
     CompressResult,
     _config_dict,
-    _intra_op_threads,
     _layer_dict,
-    _step_flops,
 )
 from rankshrink.recovery import fine_tune_with_recovery_
-from rankshrink.report import build_report, gate_failures, verification_dict
+from rankshrink.report import build_report, verification_dict
+from rankshrink.threads import choose_threads, intra_op_threads
 from rankshrink.token_data import load_for_encoder
 from rankshrink.train import StepStats, fine_tune_
 from rankshrink.transformer_fold import export_bytes, fold_transformer
 from rankshrink.transformer_surgery import factorize_transformer_
+from rankshrink.verify import stamp_provenance, with_gates
 
 #: Samples per forward pass when computing the distillation targets.
 TEACHER_CHUNK = 256
@@ -67,7 +69,24 @@ def compress_hf(
     encoder: TokenEncoder = loaded.model  # type: ignore[assignment]
     # a .txt file (--text) is tokenized with the folder's tokenizer
     data = load_for_encoder(cfg.data, cfg.model, encoder.config, cfg.train.seed)
+    # everything after loading computes on the thread policy's count (rankshrink.threads)
+    one = data.x_train[:1]
+    threads = choose_threads(cfg.threads, PackedTokens(encoder), one, cfg.train.batch_size)
+    with intra_op_threads(threads):
+        return _compress_loaded(replace(cfg, threads=threads), loaded, data, progress, say)
+
+
+def _compress_loaded(
+    cfg: CompressConfig,
+    loaded: LoadedModel,
+    data: Dataset,
+    progress: Callable[[StepStats], None] | None,
+    say: Callable[[str], None],
+) -> CompressResult:
+    """:func:`compress_hf` once the inputs are loaded and ``cfg.threads`` is decided."""
+    encoder: TokenEncoder = loaded.model  # type: ignore[assignment]
     base = encoder.kind == "base"
+    task = encoder_task(encoder, cfg.tolerances, data.has_labels)  # flags checked before work
     original = PackedTokens(encoder).eval()
     check_single_file(original)
 
@@ -90,21 +109,17 @@ def compress_hf(
             teacher = torch.cat([original(chunk) for chunk in chunks])
 
     say("fine-tuning")
-    threads = torch.get_num_threads()
-    if _step_flops(chain, data.x_train, train_cfg) < SMALL_STEP_FLOPS:
-        threads = 1  # see SMALL_STEP_FLOPS: per-op overhead, not arithmetic, at this size
-    with _intra_op_threads(threads):
-        training = fine_tune_with_recovery_(
-            chain,
-            data.x_train,
-            data.y_train,
-            teacher,
-            train_cfg,
-            recovery,
-            size_fn=lambda: export_bytes(chain),
-            progress=progress,
-            fine_tune=fine_tune_,
-        )
+    training = fine_tune_with_recovery_(
+        chain,
+        data.x_train,
+        data.y_train,
+        teacher,
+        train_cfg,
+        recovery,
+        size_fn=lambda: export_bytes(chain),
+        progress=progress,
+        fine_tune=fine_tune_,
+    )
 
     say("folding")
     folded = fold_transformer(chain)
@@ -118,7 +133,8 @@ def compress_hf(
     with tempfile.TemporaryDirectory(prefix="rankshrink-") as tmp:
         before_path, after_path = Path(tmp, "original.onnx"), Path(tmp, "compressed.onnx")
         bytes_before = export_tokens(encoder, example, before_path, cfg.export, output_name)
-        bytes_after = export_tokens(compressed, example, after_path, cfg.export, output_name)
+        export_tokens(compressed, example, after_path, cfg.export, output_name)
+        bytes_after = stamp_provenance(after_path, encoder, compressed)  # verify reads it
         say("verifying")
         verification, checks = verify_tokens(
             encoder,
@@ -127,7 +143,7 @@ def compress_hf(
             data.x_test,
             data.y_test,
             cfg.tolerances,
-            base,
+            task,
             pad_id=encoder.config.pad_token_id,
         )
         lat_before = lat_after = None
@@ -137,7 +153,8 @@ def compress_hf(
             lat_after = token_latency_ms(session(after_path), one)
         onnx_blob = after_path.read_bytes()
 
-    failures = gate_failures(verification, bytes_after, cfg.max_bytes)
+    verification = with_gates(verification, size_gates(bytes_before, bytes_after, cfg.max_bytes))
+    failures = verification.failures
     report = build_report(
         method="rare",
         loaded=loaded,

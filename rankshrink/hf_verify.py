@@ -4,7 +4,8 @@ It follows :func:`rankshrink.verify.verify_export` — every check runs, then on
 what changes for tokens: outputs are checked at two sequence lengths and two batch sizes, padding
 must not move any unpadded output, and a base model is compared with the original by the cosine
 similarity of its mask-mean-pooled last hidden state (a classifier by top-1 agreement and, with
-labels, accuracy).
+labels, accuracy). The quality gates are those of :mod:`rankshrink.gates` (``hidden`` for a base
+model), and the file must take the token inputs by name and give the model's output width.
 
 ``compress`` has the compressed torch module and checks the export against it
 (``export_max_abs_diff``); ``verify`` has only the file, so it checks that the file agrees with
@@ -24,16 +25,17 @@ import torch
 from torch import Tensor, nn
 
 from rankshrink.errors import InputError
+from rankshrink.gates import Quality, Task, Tolerances, measure, resolve_task
 from rankshrink.hf import load_hf_folder
-from rankshrink.hf_onnx import PAD_TOKENS, padded, run_tokens, shorter
+from rankshrink.hf_onnx import INPUTS, PAD_TOKENS, padded, run_tokens, shorter
 from rankshrink.token_data import load_for_encoder
 from rankshrink.token_encoder import TokenEncoder
 from rankshrink.verify import (
-    Tolerances,
+    ForeignFileError,
     UntrustedGraphError,
     Verification,
-    accuracy,
-    comparison_failures,
+    check_belongs,
+    decided,
     scan_graph,
     session,
 )
@@ -77,6 +79,18 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max()) if a.size else 0.0
 
 
+def encoder_task(encoder: TokenEncoder, tol: Tolerances, has_labels: bool) -> Task:
+    """The task kind of a folder's model: ``hidden`` for a base model, else by its classes
+    (see :func:`rankshrink.gates.resolve_task`).
+
+    Raises:
+        InputError: ``--task`` or a gate flag does not fit the model.
+    """
+    cfg = encoder.config
+    base = cfg.kind == "base"
+    return resolve_task(cfg.hidden_size if base else cfg.classes, tol, has_labels, hidden=base)
+
+
 @torch.no_grad()
 def verify_tokens(
     original: nn.Module,
@@ -85,7 +99,7 @@ def verify_tokens(
     x_test: Tensor,
     y_test: Tensor | None,
     tol: Tolerances,
-    base: bool,
+    task: Task,
     pad_id: int = 0,
 ) -> tuple[Verification, TokenChecks]:
     """Check a token encoder's ONNX against its torch module (if given) and the original.
@@ -97,27 +111,35 @@ def verify_tokens(
     3. padding: ``PAD_TOKENS`` tokens of id ``pad_id`` appended change no unpadded output;
     4. the ONNX vs the original torch model: a base model's pooled-cosine mean and min and max
        abs diff at unpadded positions; a classifier's top-1 agreement and accuracy before/after
-       (gates as in :func:`~rankshrink.verify.verify_export`) — at the data's length, and the
-       same similarity at the shorter length (``by_length``).
+       — at the data's length, and the same similarity at the shorter length (``by_length``);
+       the quality gates of ``task``'s kind decide on the data's length.
 
     Args:
         original, compressed: ``(input_ids, attention_mask, token_type_ids)`` encoders;
             ``compressed`` is None when only the file is at hand (``rankshrink verify``).
         x_test: (N, 3, T) stacked held-out tokens.
-        base: the output is a last hidden state (else logits).
+        task: what the model outputs (:func:`encoder_task`); ``hidden``: a last hidden state.
 
     Raises:
+        ForeignFileError: the file's inputs or output width are not the model's (exit 3).
         UntrustedGraphError: step 0 failed (exit 3).
-        InputError: the file cannot be loaded or run, or its outputs do not match the model's.
+        InputError: the file cannot be loaded or run.
     """
-    scan = scan_graph(onnx_path)
-    if scan.problems:
-        raise UntrustedGraphError(f"cannot vouch for {onnx_path}: " + "; ".join(scan.problems[:3]))
-    sess = session(onnx_path)
+    base = task.kind == "hidden"
     original.eval()
 
     def torch_run(model: nn.Module, x: Tensor) -> np.ndarray:
         return model(x[:, 0], x[:, 1], x[:, 2]).numpy()
+
+    scan = scan_graph(onnx_path)
+    if scan.problems:
+        raise UntrustedGraphError(f"cannot vouch for {onnx_path}: " + "; ".join(scan.problems[:3]))
+    width = "hidden features" if base else "logits"
+    one = tuple(torch_run(original, x_test[:2]).shape[1:])
+    check_belongs(
+        onnx_path, original, tuple(x_test.shape[2:]), one, input_names=INPUTS, output_what=width
+    )
+    sess = session(onnx_path)
 
     failures: list[str] = []
     short = shorter(x_test)
@@ -128,9 +150,10 @@ def verify_tokens(
     for length, xs in variants.items():  # a file for another model fails here, in one line
         onnx_out[length], originals[length] = run_tokens(sess, xs), torch_run(original, xs)
         if originals[length].shape != onnx_out[length].shape:
-            raise InputError(
-                f"ONNX output shape {onnx_out[length].shape} does not match the model's"
-                f" {originals[length].shape} (tokens of length {length})"
+            raise ForeignFileError(
+                f"{onnx_path} does not belong to this model: it outputs shape"
+                f" {onnx_out[length].shape}, the model {originals[length].shape}"
+                f" (tokens of length {length})"
             )
     export_diffs, batch_diffs = [0.0], [0.0]
     for length, xs in variants.items():
@@ -199,23 +222,21 @@ def verify_tokens(
             agree = float((before.argmax(-1) == onnx_out[length].argmax(-1)).mean())
             by_length.append({"length": length, "agreement": agree})
     before = originals[x_test.shape[-1]]
-    max_diff = _max_abs(_masked(before, x_test, base), _masked(after, x_test, base))
     at_length = by_length[-1]  # the data's own length comes last
-    agreement = acc_before = acc_after = None
-    if not base:
-        agreement = at_length["agreement"]
-        acc_before, acc_after = accuracy(before, y_test), accuracy(after, y_test)
-        failures += comparison_failures(tol, agreement, acc_before, acc_after)
-    verification = Verification(
-        passed=not failures,
+    if base:  # hidden states at unpadded positions; the gate is the pooled cosine
+        diff = _max_abs(_masked(before, x_test, base), _masked(after, x_test, base))
+        measured = Quality(max_abs_diff=diff, pooled_cosine=at_length["pooled_cosine_mean"])
+    else:
+        measured = measure(task, before, after, y_test)
+    verification = decided(
+        task,
+        measured,
+        failures,
+        tol,
+        y_test is not None,
         export_max_abs_diff=export_diff,
         export_batches=batches,
-        max_abs_diff=max_diff,
-        agreement=agreement,
-        accuracy_before=acc_before,
-        accuracy_after=acc_after,
         samples=len(x_test),
-        failures=failures,
     )
     checks = TokenChecks(
         sequence_lengths=sorted(variants),
@@ -236,17 +257,14 @@ def verify_folder(
     seed: int = 0,
     arch: str | None = None,
     trust_pickle: bool = False,
-) -> tuple[Verification, dict[str, Any]]:
+) -> tuple[Verification, TokenChecks]:
     """``rankshrink verify FOLDER OUT.onnx --data FILE``: re-check an exported file against the
     folder's model on the data's held-out split (the split ``compress`` used with this seed).
 
-    Returns:
-        The verification and the plain values to show (the keys of the other models' ``verify``
-        plus the token checks).
-
     Raises:
-        InputError: bad folder, data or file, or ``--arch``/``--trust-pickle`` given (exit 2).
-        UntrustedGraphError: see :func:`verify_tokens` (exit 3).
+        InputError: bad folder, data or file, ``--arch``/``--trust-pickle`` given, or a gate
+            flag that does not fit the model (exit 2).
+        ForeignFileError, UntrustedGraphError: see :func:`verify_tokens` (exit 3).
     """
     if arch is not None or trust_pickle:
         raise InputError(f"{folder} is a Hugging Face folder; drop --arch and --trust-pickle")
@@ -254,31 +272,14 @@ def verify_folder(
         raise InputError(f"ONNX file not found: {onnx_path}")
     encoder: TokenEncoder = load_hf_folder(folder).model  # type: ignore[assignment]
     ds = load_for_encoder(data, folder, encoder.config, seed)
-    base = encoder.kind == "base"
-    result, checks = verify_tokens(
+    task = encoder_task(encoder, tol, ds.has_labels)
+    return verify_tokens(
         encoder,
         None,
         onnx_path,
         ds.x_test,
         ds.y_test,
         tol,
-        base,
+        task,
         pad_id=encoder.config.pad_token_id,
     )
-    payload: dict[str, Any] = {
-        "passed": result.passed,
-        "max_abs_diff": result.max_abs_diff,
-        "agreement": result.agreement,
-        "accuracy_before": result.accuracy_before,
-        "accuracy_after": result.accuracy_after,
-        "samples": result.samples,
-        **checks.as_dict(),
-        "export_batches": result.export_batches,
-        "failures": result.failures,
-    }
-    if base:  # no classes: the pooled cosine says how close the hidden states are
-        for key in ("agreement", "accuracy_before", "accuracy_after"):
-            del payload[key]
-    else:
-        del payload["pooled_cosine_mean"], payload["pooled_cosine_min"]
-    return result, payload

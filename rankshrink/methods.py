@@ -10,10 +10,9 @@ every method alike. ``"rare"`` is passed through to the pipeline unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,10 @@ from torch import nn
 
 from rankshrink import __version__
 from rankshrink.arch import count_params, make_checkpoint
+from rankshrink.checkpoint import LoadedModel
 from rankshrink.data import Dataset
 from rankshrink.errors import InputError
+from rankshrink.gates import model_task, size_gates
 from rankshrink.layer_sparsity import LayerSparsityConfig
 from rankshrink.lowrank_layers import LowRankConfig
 from rankshrink.onnx_export import check_single_file, export_onnx
@@ -32,14 +33,16 @@ from rankshrink.pipeline import (
     CompressResult,
     _layer_dict,
     compress,
+    gate_config,
     load_inputs,
     rare_stage,
 )
-from rankshrink.report import build_report, gate_failures, verification_dict
+from rankshrink.report import build_report, verification_dict
 from rankshrink.stages import Phase, Stage, low_rank_stage, sparsity_stage, then
+from rankshrink.threads import choose_threads, intra_op_threads
 from rankshrink.train import StepStats, TrainConfig, TrainReport
 from rankshrink.transformer_surgery import is_transformer
-from rankshrink.verify import latency_ms, session, verify_export
+from rankshrink.verify import latency_ms, session, stamp_provenance, verify_export, with_gates
 
 #: Single methods, then combinations: a structural stage followed by RMT-SVD on what it left.
 SINGLE = ("rare", "svd", "rmt-svd", "layer-sparsity")
@@ -96,10 +99,24 @@ def compress_method(
         )
     say = stage or (lambda _msg: None)
     say("loading")
-    loaded, data, classifier = load_inputs(
-        cfg.model, cfg.data, cfg.arch, cfg.trust_pickle, cfg.train.seed
-    )
+    loaded, data, _ = load_inputs(cfg.model, cfg.data, cfg.arch, cfg.trust_pickle, cfg.train.seed)
+    # everything after loading computes on the thread policy's count (rankshrink.threads)
+    threads = choose_threads(cfg.threads, loaded.model, data.x_train[:1], cfg.train.batch_size)
+    with intra_op_threads(threads):
+        return _compress_loaded(replace(cfg, threads=threads), mcfg, loaded, data, progress, say)
+
+
+def _compress_loaded(
+    cfg: CompressConfig,
+    mcfg: MethodConfig,
+    loaded: LoadedModel,
+    data: Dataset,
+    progress: Callable[[StepStats], None] | None,
+    say: Callable[[str], None],
+) -> CompressResult:
+    """:func:`compress_method` once the inputs are loaded and ``cfg.threads`` is decided."""
     original = loaded.model.eval()
+    task = model_task(original, data.x_test, cfg.tolerances, data.has_labels)  # see pipeline
     check_single_file(original)
     family = "transformer" if is_transformer(original) else "chain"
     teacher = None
@@ -107,8 +124,7 @@ def compress_method(
         with torch.no_grad():
             teacher = original(data.x_train)
 
-    with _intra_op_threads(1 if _small_model(original, data.x_train[:1]) else None):
-        result = _run_stages(original, family, data, teacher, cfg, mcfg, progress, say)
+    result = _run_stages(original, family, data, teacher, cfg, mcfg, progress, say)
     compressed = result.model.eval()
     detail, layers = result.detail, result.layers
 
@@ -117,10 +133,11 @@ def compress_method(
     with tempfile.TemporaryDirectory(prefix="rankshrink-") as tmp:
         before_path, after_path = Path(tmp, "original.onnx"), Path(tmp, "compressed.onnx")
         bytes_before = export_onnx(original, example, before_path, cfg.export)
-        bytes_after = export_onnx(compressed, example, after_path, cfg.export)
+        export_onnx(compressed, example, after_path, cfg.export)
+        bytes_after = stamp_provenance(after_path, original, compressed)  # verify reads it
         say("verifying")
         verification = verify_export(
-            original, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, classifier
+            original, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, task
         )
         lat_before = lat_after = None
         if cfg.measure_latency:
@@ -129,7 +146,8 @@ def compress_method(
             lat_after = latency_ms(session(after_path), one)
         onnx_blob = after_path.read_bytes()
 
-    failures = gate_failures(verification, bytes_after, cfg.max_bytes)
+    verification = with_gates(verification, size_gates(bytes_before, bytes_after, cfg.max_bytes))
+    failures = verification.failures
     training = _training(result.phases, bytes_after / bytes_before)
     report = build_report(
         method=mcfg.method,
@@ -148,10 +166,8 @@ def compress_method(
             },
             "exporter": cfg.export.exporter,
             "opset": cfg.export.opset,
-            "export_atol": cfg.tolerances.export_atol,
-            "max_accuracy_drop": cfg.tolerances.max_accuracy_drop,
-            "min_agreement": cfg.tolerances.min_agreement,
-            "max_bytes": cfg.max_bytes,
+            "threads": cfg.threads,
+            **gate_config(cfg),
         },
         params=(count_params(original), count_params(compressed)),
         onnx_bytes=(bytes_before, bytes_after),
@@ -297,37 +313,3 @@ def _training(phases: list[Phase], onnx_ratio: float) -> TrainReport:
         search_refresh=refresh,
         history=history,
     )
-
-
-#: A model whose one-sample forward costs fewer Linear FLOPs than this fine-tunes on one intra-op
-#: thread: its step is per-op overhead that a second thread does not split, and on a shared
-#: machine every op's barrier waits for a descheduled worker (see pipeline.SMALL_STEP_FLOPS).
-SMALL_FORWARD_FLOPS = 2e9 / (3 * 128)
-
-
-@torch.no_grad()
-def _small_model(model: nn.Module, one: torch.Tensor) -> bool:
-    flops = [0.0]
-
-    def count(module: nn.Linear, args: tuple[torch.Tensor, ...], _out: Any) -> None:
-        rows = args[0].numel() / args[0].shape[-1]
-        flops[0] += 2.0 * rows * module.in_features * module.out_features
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if type(m) is nn.Linear]
-    try:
-        model.eval()(one)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return flops[0] < SMALL_FORWARD_FLOPS
-
-
-@contextlib.contextmanager
-def _intra_op_threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

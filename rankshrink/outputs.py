@@ -76,6 +76,10 @@ def write_all(
 ) -> None:
     """Write every file to a temp file beside it, then rename them all into place.
 
+    The files get ordinary permissions, as ``open()`` would create them: 0666 less the umask
+    (0644 under the usual umask 022), so another user — a serving container, a CI artifact
+    step — can read them.
+
     An exception or interrupt while writing removes the temp files and leaves the targets as they
     were. The renames cannot be interrupted halfway (see :func:`signals_deferred`); should one of
     them fail (a full disk, a target turned into a directory), the files it had already created
@@ -88,11 +92,13 @@ def write_all(
     """
     staged: list[tuple[str, Path]] = []
     placed: list[Path] = []  # renamed into place and new: removed again if a later rename fails
+    mode = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
     try:
         for path, data in files.items():
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             staged.append((tmp, path))
             with os.fdopen(fd, "wb") as fh:
+                os.fchmod(fh.fileno(), mode)
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -113,3 +119,10 @@ def write_all(
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it, so it is set straight back."""
+    current = os.umask(0o022)
+    os.umask(current)
+    return current

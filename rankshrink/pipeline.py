@@ -7,11 +7,10 @@ the caller writes them (atomically) once the gates have been decided.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +22,14 @@ from rankshrink.arch import count_params, make_checkpoint
 from rankshrink.chain import prepare_chain
 from rankshrink.checkpoint import LoadedModel, load_model
 from rankshrink.data import Dataset, load_data
-from rankshrink.errors import InputError
+from rankshrink.data_fit import check_fit
 from rankshrink.fold import FoldResult, export_bytes, fold
+from rankshrink.gates import model_task, size_gates
 from rankshrink.onnx_export import ExportConfig, check_single_file, export_onnx
 from rankshrink.recovery import RecoveryConfig, fine_tune_with_recovery_
-from rankshrink.report import build_report, gate_failures, verification_dict
+from rankshrink.report import build_report, verification_dict
 from rankshrink.surgery import FactorizedChain, factorize_
+from rankshrink.threads import choose_threads, intra_op_threads
 from rankshrink.train import StepStats, TrainConfig, TrainReport, fine_tune_
 from rankshrink.transformer_fold import TransformerFold, fold_transformer
 from rankshrink.transformer_fold import export_bytes as transformer_bytes
@@ -37,7 +38,15 @@ from rankshrink.transformer_surgery import (
     is_transformer,
     transformer_layout,
 )
-from rankshrink.verify import Tolerances, Verification, latency_ms, session, verify_export
+from rankshrink.verify import (
+    Tolerances,
+    Verification,
+    latency_ms,
+    session,
+    stamp_provenance,
+    verify_export,
+    with_gates,
+)
 
 
 @dataclass
@@ -59,6 +68,8 @@ class CompressConfig:
     auto_target: bool = False
     ffn_fusion: bool = False  # Transformers: also fuse FFN axes (exported with index ops)
     recovery: RecoveryConfig | None = None  # None: the model family's default (DEFAULT_RECOVERY)
+    # intra-op threads (--threads); None: the thread policy's count (rankshrink.threads)
+    threads: int | None = None
 
 
 #: The export-size target per model family when none is given. A Transformer's residual stream,
@@ -91,24 +102,7 @@ def load_inputs(
     """Load and cross-check a model and a data file; return them and whether it is a classifier."""
     loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
     data = load_data(data_path, seed=seed)
-    try:
-        with torch.no_grad():
-            out = loaded.model(data.x_train[:2])
-    except Exception as exc:  # wrong width or rank: the model tells us in its own words
-        raise InputError(
-            f"{data_path}: inputs of shape {tuple(data.x_train.shape[1:])} do not fit the model"
-            f" ({str(exc).splitlines()[0][:160]})"
-        ) from None
-    if out.dim() != 2:
-        raise InputError(
-            f"the model's output has shape {tuple(out.shape)}; expected (batch, outputs)"
-        )
-    if data.y_train is not None:
-        top = int(max(data.y_train.max(), data.y_test.max()))  # type: ignore[union-attr]
-        if top >= out.shape[-1]:
-            raise InputError(
-                f"{data_path}: label {top} is out of range for a model with {out.shape[-1]} outputs"
-            )
+    check_fit(loaded.model, data, data_path)  # input width, output shape, labels: one line each
     return loaded, data, data.has_labels
 
 
@@ -129,10 +123,24 @@ def compress(
         return compress_hf(cfg, progress, stage)
     say = stage or (lambda _msg: None)
     say("loading")
-    loaded, data, classifier = load_inputs(
-        cfg.model, cfg.data, cfg.arch, cfg.trust_pickle, cfg.train.seed
-    )
+    loaded, data, _ = load_inputs(cfg.model, cfg.data, cfg.arch, cfg.trust_pickle, cfg.train.seed)
+    # everything after loading computes on the thread policy's count (rankshrink.threads)
+    threads = choose_threads(cfg.threads, loaded.model, data.x_train[:1], cfg.train.batch_size)
+    with intra_op_threads(threads):
+        return _compress_loaded(replace(cfg, threads=threads), loaded, data, progress, say)
+
+
+def _compress_loaded(
+    cfg: CompressConfig,
+    loaded: LoadedModel,
+    data: Dataset,
+    progress: Callable[[StepStats], None] | None,
+    say: Callable[[str], None],
+) -> CompressResult:
+    """:func:`compress` once the inputs are loaded and ``cfg.threads`` is decided."""
     original = loaded.model
+    # what the model outputs decides its quality gates; a flag that does not fit fails here
+    task = model_task(original, data.x_test, cfg.tolerances, data.has_labels)
     check_single_file(original)  # refuse before fine-tuning, not after
     family = "transformer" if is_transformer(original) else "chain"
     teacher = None
@@ -149,10 +157,11 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="rankshrink-") as tmp:
         before_path, after_path = Path(tmp, "original.onnx"), Path(tmp, "compressed.onnx")
         bytes_before = export_onnx(original, example, before_path, cfg.export)
-        bytes_after = export_onnx(folded.model, example, after_path, cfg.export)
+        export_onnx(folded.model, example, after_path, cfg.export)
+        bytes_after = stamp_provenance(after_path, original, folded.model)  # verify reads it
         say("verifying")
         verification = verify_export(
-            original, folded.model, after_path, data.x_test, data.y_test, cfg.tolerances, classifier
+            original, folded.model, after_path, data.x_test, data.y_test, cfg.tolerances, task
         )
         lat_before = lat_after = None
         if cfg.measure_latency:
@@ -161,7 +170,8 @@ def compress(
             lat_after = latency_ms(session(after_path), one)
         onnx_blob = after_path.read_bytes()
 
-    failures = gate_failures(verification, bytes_after, cfg.max_bytes)
+    verification = with_gates(verification, size_gates(bytes_before, bytes_after, cfg.max_bytes))
+    failures = verification.failures
     report = build_report(
         method="rare",
         loaded=loaded,
@@ -217,7 +227,8 @@ def rare_stage(
     """Factorize a copy of ``original``, fine-tune it with RaRe and live fusion, and fold it.
 
     The in-memory core of :func:`compress`, also the first stage of ``--method rare+rmt-svd``
-    (:mod:`rankshrink.methods`). ``original`` is not changed.
+    (:mod:`rankshrink.methods`). ``original`` is not changed. It computes on the caller's thread
+    count (:func:`rankshrink.threads.intra_op_threads`).
     """
     say = stage or (lambda _msg: None)
     train_cfg = cfg.train
@@ -227,62 +238,20 @@ def rare_stage(
     chain, size_fn, fold_fn = _prepare(original, family, cfg)
 
     say("fine-tuning")
-    threads = torch.get_num_threads()
-    if family == "transformer" and _step_flops(chain, data.x_train, train_cfg) < SMALL_STEP_FLOPS:
-        threads = 1
-    with _intra_op_threads(threads):
-        training = fine_tune_with_recovery_(
-            chain,
-            data.x_train,
-            data.y_train,
-            teacher,
-            train_cfg,
-            recovery,
-            size_fn=size_fn,
-            progress=progress,
-            fine_tune=fine_tune_,
-        )
+    training = fine_tune_with_recovery_(
+        chain,
+        data.x_train,
+        data.y_train,
+        teacher,
+        train_cfg,
+        recovery,
+        size_fn=size_fn,
+        progress=progress,
+        fine_tune=fine_tune_,
+    )
 
     say("folding")
     return RareRun(chain, fold_fn(), training, train_cfg, recovery)
-
-
-#: Fine-tune on one intra-op thread when a training step costs fewer FLOPs than this. A small
-#: step is hundreds of tiny ops whose cost is per-op overhead, which a second thread does not
-#: split; worse, every op ends in a barrier, so when another process holds a core each op waits
-#: for a descheduled worker (measured on the 2-core dev machine under load: 33 ms/step on one
-#: thread vs 165–436 ms on two for the sample Transformer; 28 ms on two when idle). It also makes
-#: such runs independent of the machine's core count. Applied to Transformers only for now: the
-#: MLP path's published numbers were measured on two threads.
-SMALL_STEP_FLOPS = 2e9
-
-
-@contextlib.contextmanager
-def _intra_op_threads(count: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@torch.no_grad()
-def _step_flops(chain: FactorizedChain, x: torch.Tensor, cfg: TrainConfig) -> float:
-    """FLOPs of one training step's Linear layers (~3× the forward), from one sample's forward."""
-    flops = [0.0]
-
-    def count(module: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: Any) -> None:
-        rows = args[0].numel() / args[0].shape[-1]  # tokens per sample for a Transformer
-        flops[0] += 2.0 * rows * module.in_features * module.out_features
-
-    hooks = [layer.register_forward_hook(count) for layer in chain.layers]
-    try:
-        chain.model.eval()(x[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return 3.0 * flops[0] * cfg.batch_size
 
 
 def _prepare(
@@ -329,10 +298,13 @@ def _config_dict(
         "axis_policy": cfg.axis_policy,
         "ffn_fusion": cfg.ffn_fusion,
         "recovery": asdict(recovery),
+        "threads": cfg.threads,
         "exporter": cfg.export.exporter,
         "opset": cfg.export.opset,
-        "export_atol": cfg.tolerances.export_atol,
-        "max_accuracy_drop": cfg.tolerances.max_accuracy_drop,
-        "min_agreement": cfg.tolerances.min_agreement,
-        "max_bytes": cfg.max_bytes,
+        **gate_config(cfg),
     }
+
+
+def gate_config(cfg: CompressConfig) -> dict[str, Any]:
+    """The report's record of the tolerances and gate flags as given (None: the default)."""
+    return {**asdict(cfg.tolerances), "max_bytes": cfg.max_bytes}

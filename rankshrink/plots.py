@@ -69,26 +69,82 @@ def trajectory_png(report: dict[str, Any]) -> bytes:
 
 
 def compare_png(rows: list[dict[str, Any]], title: str) -> bytes:
-    """Accuracy (or top-1 agreement) against ONNX bytes, one curve per method; the original is a
-    star. ``rows`` are :func:`rankshrink.compare.compare` rows."""
+    """:func:`compare_figure` as PNG bytes."""
+    return _png(compare_figure(rows, title))
+
+
+def compare_figure(rows: list[dict[str, Any]], title: str) -> Any:
+    """Test accuracy (or top-1 agreement with the original) in percent against ONNX size, one
+    curve per method. The original is a star and a horizontal line, with a band of ± one
+    held-out sample (100/n points: the smallest change the test split can show) around it,
+    so that a difference inside the band reads as the noise it is. ``rows`` are
+    :func:`rankshrink.compare.compare` rows; the axis is :func:`accuracy_limits`'."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     metric = "accuracy" if any(r.get("accuracy") is not None for r in rows) else "agreement"
+    scale = 1.0 if metric == "accuracy" else 100.0  # agreement is a fraction in the rows
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "original"))
+    values: list[float] = []
     for method in methods:
         pts = sorted(
-            (r["onnx_bytes"], r[metric]) for r in rows if r["method"] == method and r.get(metric)
+            (r["onnx_bytes"], r[metric] * scale)
+            for r in rows
+            if r["method"] == method and r.get(metric) is not None
         )
         if pts:
             xs, ys = zip(*pts, strict=True)
+            values += ys
             ax.plot([x / 1024 for x in xs], ys, marker="o", label=method)
     base = next((r for r in rows if r["method"] == "original"), None)
-    if base is not None and base.get(metric) is not None:
-        ax.plot([base["onnx_bytes"] / 1024], [base[metric]], "k*", markersize=12, label="original")
+    original = None if base is None or base.get(metric) is None else base[metric] * scale
+    samples = None if base is None else base.get("samples")
+    if original is not None:
+        if samples:
+            one = 100 / samples
+            ax.axhspan(
+                original - one,
+                original + one,
+                color="0.85",
+                zorder=0,
+                label=f"original ± 1 of {samples} held-out samples ({one:.2f} pt)",
+            )
+        ax.axhline(original, color="k", linewidth=0.8, linestyle="--", zorder=1)
+        ax.plot(
+            [base["onnx_bytes"] / 1024],
+            [original],
+            "k*",
+            markersize=12,
+            label=f"original ({original:.2f} %)",
+        )
+    ax.set_ylim(*accuracy_limits(values, original, samples))
     ax.set_xlabel("ONNX size (KiB)")
-    ax.set_ylabel("test accuracy (%)" if metric == "accuracy" else "top-1 agreement")
+    name = "test accuracy" if metric == "accuracy" else "top-1 agreement with the original"
+    ax.set_ylabel(f"{name} (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def accuracy_limits(
+    values: list[float], original: float | None, samples: int | None = None
+) -> tuple[float, float]:
+    """The accuracy axis (percent) of :func:`compare_figure`: from the original minus 5 points,
+    or lower to show the lowest point, to a little above the highest, within 0–100 plus a
+    margin. A narrower axis makes one held-out sample (``100/samples`` points) look like a
+    cliff.
+
+    Args:
+        values: the plotted accuracies, in percent.
+        original: the original model's accuracy, in percent, or None.
+        samples: the number of held-out samples, or None.
+    """
+    pad = max(0.5, 100 / samples if samples else 0.0)
+    shown = [*values, *([] if original is None else [original])]
+    if not shown:
+        return 0.0, 100.0 + pad
+    low = min(shown) - pad
+    if original is not None:
+        low = min(low, original - 5)
+    return max(0.0, low), min(max(shown), 100.0) + pad

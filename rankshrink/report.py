@@ -17,14 +17,6 @@ from rankshrink.train import TrainReport
 from rankshrink.verify import Verification
 
 
-def gate_failures(verification: Verification, bytes_after: int, max_bytes: int | None) -> list[str]:
-    """Verification failures plus the ``--max-bytes`` gate."""
-    failures = list(verification.failures)
-    if max_bytes is not None and bytes_after > max_bytes:
-        failures.append(f"ONNX size {bytes_after} bytes > --max-bytes {max_bytes}")
-    return failures
-
-
 def build_report(
     *,
     method: str,
@@ -95,9 +87,12 @@ def build_report(
 def verification_dict(
     v: Verification, fold_diff: float | None = None, **extra: Any
 ) -> dict[str, Any]:
-    """The report's ``verification`` block; ``fold_max_abs_diff`` only where a fold happened."""
+    """The report's ``verification`` block (and ``verify --json``); ``fold_max_abs_diff`` only
+    where a fold happened. ``gates`` lists every gate with its metric, threshold, value, source
+    (default or flag) and result; ``passed`` is true only when every check and gate passed."""
     out: dict[str, Any] = {
         "passed": v.passed,
+        "task": v.task,
         "export_max_abs_diff": v.export_max_abs_diff,
         "export_batches": v.export_batches,
     }
@@ -108,7 +103,10 @@ def verification_dict(
         agreement=v.agreement,
         accuracy_before=v.accuracy_before,
         accuracy_after=v.accuracy_after,
+        mean_prob_diff=v.mean_prob_diff,
+        rel_error=v.rel_error,
         samples=v.samples,
+        gates=[g.as_dict() for g in v.gates],
         failures=v.failures,
         **extra,
     )

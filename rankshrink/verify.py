@@ -6,13 +6,19 @@ anything runs, :func:`scan_graph` reads the graph for what would make a check me
 with a ``reduction`` (their sums depend on the order of duplicate indices, which onnxruntime's CPU
 kernels do not fix) and constant indices outside the tensor they index. :func:`verify_export`
 collects every failed check before deciding, in the manner of optimum's ``validate_model_outputs``.
+
+Before any of that, :func:`check_belongs` compares the file's inputs and outputs with the model's
+(count, names where they matter, feature and output widths): a file exported from another model
+is refused in one line. The comparison with the original is then decided by the quality gates of
+:mod:`rankshrink.gates`, and ``passed`` means every check and every gate passed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +28,9 @@ import torch
 from onnx import numpy_helper
 from torch import Tensor, nn
 
+from rankshrink import gates as quality
 from rankshrink.errors import GateError, InputError
+from rankshrink.gates import Gate, Task, Tolerances  # Tolerances: imported from here too
 
 # op type -> (index of the ``indices`` input, how its values address the ``data`` input 0)
 _INDEXED_OPS = {
@@ -40,6 +48,11 @@ class UntrustedGraphError(GateError):
     """The exported graph holds an op whose results a check cannot vouch for (exit 3)."""
 
 
+class ForeignFileError(GateError):
+    """The ONNX file's inputs or outputs do not fit the model: it was exported from another
+    model (exit 3)."""
+
+
 @dataclass
 class GraphScan:
     """What :func:`scan_graph` found."""
@@ -48,28 +61,65 @@ class GraphScan:
     index_tensors_checked: int  # constant index tensors whose range was checked
 
 
-@dataclass(frozen=True)
-class Tolerances:
-    """What counts as a passed verification."""
-
-    export_atol: float = 1e-4  # compressed torch vs its ONNX, max abs diff
-    max_accuracy_drop: float | None = None  # points; a gate (exit 3) when set
-    min_agreement: float | None = None  # fraction; a gate (exit 3) when set
-
-
 @dataclass
 class Verification:
-    """Everything measured when checking an exported model."""
+    """Everything measured when checking an exported model.
+
+    ``passed`` is true only when every fidelity check and every gate passed; ``failures`` holds
+    one message for each that did not (fidelity first, then ``gate failed: …``).
+    """
 
     passed: bool
     export_max_abs_diff: float | None
     export_batches: list[int]
-    max_abs_diff: float
+    max_abs_diff: float  # logits, probabilities (binary), hidden states or outputs: see ``task``
     agreement: float | None
     accuracy_before: float | None
     accuracy_after: float | None
     samples: int
     failures: list[str] = field(default_factory=list)
+    task: str = "classifier"  # the kind the gates were chosen by (rankshrink.gates.KINDS)
+    gates: list[Gate] = field(default_factory=list)
+    mean_prob_diff: float | None = None  # binary
+    rel_error: float | None = None  # regression
+
+
+def with_gates(v: Verification, extra: list[Gate]) -> Verification:
+    """``v`` with more gates decided (the size gates, known once both files are exported)."""
+    failures = v.failures + quality.failures(extra)
+    return replace(v, gates=v.gates + extra, failures=failures, passed=not failures)
+
+
+def decided(
+    task: Task,
+    measured: quality.Quality,
+    fidelity: list[str],
+    tol: Tolerances,
+    has_labels: bool,
+    *,
+    export_max_abs_diff: float | None,
+    export_batches: list[int],
+    samples: int,
+) -> Verification:
+    """The verification of fidelity checks ``fidelity`` (failure messages) and the quality gates
+    decided on ``measured``: the one place where ``passed`` is decided."""
+    gates = quality.quality_gates(task, measured, tol, has_labels)
+    failures = fidelity + quality.failures(gates)
+    return Verification(
+        passed=not failures,
+        export_max_abs_diff=export_max_abs_diff,
+        export_batches=export_batches,
+        max_abs_diff=measured.max_abs_diff,
+        agreement=measured.agreement,
+        accuracy_before=measured.accuracy_before,
+        accuracy_after=measured.accuracy_after,
+        samples=samples,
+        failures=failures,
+        task=task.kind,
+        gates=gates,
+        mean_prob_diff=measured.mean_prob_diff,
+        rel_error=measured.rel_error,
+    )
 
 
 def session(path: Path, threads: int = 1) -> ort.InferenceSession:
@@ -208,35 +258,170 @@ def latency_ms(sess: ort.InferenceSession, x: Tensor, repeats: int = 50) -> floa
     return statistics.median(times)
 
 
-def accuracy(logits: np.ndarray, y: Tensor | None) -> float | None:
-    """Top-1 accuracy in percent, or None without labels."""
-    if y is None:
-        return None
-    return float((logits.argmax(-1) == y.numpy()).mean() * 100.0)
+#: Metadata a compressed file carries: the weights it was compressed from, and its own weights
+#: (so that a ``--save-pt`` checkpoint of the compressed model belongs to it too).
+#: Each is the first 16 hex digits of :func:`weights_sha256` (64 bits tell models apart; the
+#: record stays small, since it counts against the not-smaller gate).
+SOURCE_KEY = "rankshrink.source_sha256"
+OWN_KEY = "rankshrink.sha256"
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A fingerprint of ``model``'s weights: sha256 over its state_dict's names, dtypes, shapes
+    and bytes. A checkpoint saved again, or in another format, keeps it; other weights do not."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{t.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stamp_provenance(path: Path, source: nn.Module, compressed: nn.Module) -> int:
+    """Record in the file which weights it was compressed from (and its own); return its bytes.
+
+    The entries are deterministic (no time, no host), so the same run gives the same bytes.
+    """
+    model = onnx.load(str(path))
+    for key, module in ((SOURCE_KEY, source), (OWN_KEY, compressed)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, weights_sha256(module)[:16]
+    onnx.save(model, str(path))
+    return path.stat().st_size
+
+
+@dataclass
+class Signature:
+    """What a file says about itself: its inputs (name, dims; ``None`` for a dynamic dim), its
+    outputs' dims, and its metadata (see :func:`stamp_provenance`)."""
+
+    inputs: list[tuple[str, list[int | None]]]
+    outputs: list[list[int | None]]
+    metadata: dict[str, str]
+
+
+def io_signature(path: Path) -> Signature:
+    """Read a file's :class:`Signature` without running it.
+
+    Raises:
+        InputError: the file is not a readable ONNX model.
+    """
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise InputError(
+            f"{path} is not a readable ONNX model ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    graph = model.graph
+
+    def dims(value: onnx.ValueInfoProto) -> list[int | None]:
+        shape = value.type.tensor_type.shape
+        return [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+
+    weights = {t.name for t in graph.initializer}  # old exporters list weights as inputs too
+    return Signature(
+        inputs=[(v.name, dims(v)) for v in graph.input if v.name not in weights],
+        outputs=[dims(v) for v in graph.output],
+        metadata={p.key: p.value for p in model.metadata_props},
+    )
+
+
+def check_belongs(
+    path: Path,
+    model: nn.Module,
+    sample_shape: tuple[int, ...],
+    output_shape: tuple[int, ...],
+    input_names: tuple[str, ...] | None = None,
+    output_what: str = "values",
+) -> None:
+    """Refuse a file that is not ``model``'s, before comparing numbers: its inputs or outputs do
+    not fit the model, or it records (:func:`stamp_provenance`) that it was compressed from other
+    weights. A file without that record (exported by other means) is judged by its widths, and
+    then by the quality gates.
+
+    Args:
+        sample_shape: one input sample's shape as the model takes it (its last dim is the
+            feature width).
+        output_shape: one sample's output shape as the model gives it (its last dim: classes,
+            1, hidden size).
+        input_names: the inputs the file must take by name (token models); ``None``: one input,
+            any name (the data is fed to the file's first input).
+        output_what: what the output's last dim counts, for the message ("hidden features").
+
+    Raises:
+        ForeignFileError: ``<path> does not belong to this model: it takes 784 input features,
+            the model takes 64`` (exit 3).
+    """
+    sig = io_signature(path)
+    inputs, outputs = sig.inputs, sig.outputs
+    names = [name for name, _ in inputs]
+    problem = None
+    if input_names is not None and sorted(names) != sorted(input_names):
+        problem = f"it takes inputs {', '.join(names) or 'none'}, the model takes {', '.join(input_names)}"
+    elif input_names is None and len(inputs) != 1:
+        problem = f"it takes {len(inputs)} inputs ({', '.join(names)}), the model takes one"
+    elif not outputs:
+        problem = "it has no output"
+    else:
+        problem = _shape_problem(
+            [d for _, d in inputs],
+            sample_shape,
+            outputs[0],
+            output_shape,
+            output_what,
+            tokens=input_names is not None,
+        )
+    recorded = [sig.metadata[k] for k in (SOURCE_KEY, OWN_KEY) if k in sig.metadata]
+    if not problem and recorded:
+        ours = weights_sha256(model)[:16]
+        if ours not in recorded:
+            problem = (
+                f"it was compressed from other weights (sha256 {recorded[0]}…;"
+                f" this model's {ours}…)"
+            )
+    if problem:
+        raise ForeignFileError(f"{path} does not belong to this model: {problem}")
+
+
+def _shape_problem(
+    in_dims: list[list[int | None]],
+    sample_shape: tuple[int, ...],
+    out_dims: list[int | None],
+    output_shape: tuple[int, ...],
+    output_what: str,
+    tokens: bool,
+) -> str | None:
+    """The first way the file's dims (batch first) differ from one sample's shapes."""
+    for dims in in_dims:
+        if tokens:  # (batch, sequence): any length, so only the rank says anything
+            if len(dims) != 2:
+                return f"its token inputs have rank {len(dims)}, the model's have rank 2"
+            continue
+        if len(dims) != len(sample_shape) + 1:
+            return (
+                f"it takes inputs of shape {_shape(dims)}, the model takes"
+                f" {_shape([None, *sample_shape])}"
+            )
+        if dims[-1] is not None and dims[-1] != sample_shape[-1]:
+            return f"it takes {dims[-1]} input features, the model takes {sample_shape[-1]}"
+    if len(out_dims) != len(output_shape) + 1:
+        return (
+            f"it outputs shape {_shape(out_dims)}, the model outputs"
+            f" {_shape([None, *output_shape])}"
+        )
+    if out_dims[-1] is not None and out_dims[-1] != output_shape[-1]:
+        return f"it outputs {out_dims[-1]} {output_what}, the model outputs {output_shape[-1]}"
+    return None
+
+
+def _shape(dims: list[int | None]) -> str:
+    """``(batch, 8, ?)``: the first dim is the batch; ``?`` a dynamic dim."""
+    shown = ["batch" if i == 0 else "?" if d is None else str(d) for i, d in enumerate(dims)]
+    return "(" + ", ".join(shown) + ")"
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max()) if a.shape == b.shape and a.size else float("inf")
-
-
-@torch.no_grad()
-def comparison_failures(
-    tol: Tolerances,
-    agreement: float | None,
-    acc_before: float | None,
-    acc_after: float | None,
-) -> list[str]:
-    """The ``--min-agreement`` and ``--max-accuracy-drop`` gates, one message per failure."""
-    failures = []
-    if tol.min_agreement is not None and agreement is not None and agreement < tol.min_agreement:
-        failures.append(f"top-1 agreement {agreement:.4f} < --min-agreement {tol.min_agreement:g}")
-    if tol.max_accuracy_drop is not None and acc_before is not None and acc_after is not None:
-        drop = acc_before - acc_after
-        if drop > tol.max_accuracy_drop:
-            failures.append(
-                f"accuracy drop {drop:.2f} points > --max-accuracy-drop {tol.max_accuracy_drop:g}"
-            )
-    return failures
 
 
 @torch.no_grad()  # verification never needs gradients, and .numpy() refuses tensors that track them
@@ -247,21 +432,28 @@ def verify_export(
     x_test: Tensor,
     y_test: Tensor | None,
     tol: Tolerances,
-    classifier: bool,
+    task: Task | None = None,
 ) -> Verification:
     """Check a compressed ONNX file against its torch module and against the original model.
 
-    0. the graph holds no order-dependent scatter and no out-of-range constant index;
+    0. the graph holds no order-dependent scatter and no out-of-range constant index, and the
+       file belongs to the model (:func:`check_belongs`: its widths, its recorded source);
     1. compressed torch vs its ONNX at two batch sizes (a few rows, then the whole held-out split,
        neither equal to the export example's batch) — the export is faithful;
     2. the ONNX run on the held-out split twice, in two sessions, gives bit-identical outputs;
     3. compressed ONNX vs the original torch model on the held-out split — the compression kept
-       the behaviour: max abs diff, top-1 agreement and accuracy before/after.
+       the behaviour: the quality gates of ``task``'s kind (:mod:`rankshrink.gates`).
+
+    Args:
+        task: what the model outputs; ``None``: decided from ``original`` and ``tol.task``.
 
     Raises:
-        UntrustedGraphError: step 0 failed (exit 3).
-        InputError: the file cannot be loaded or run, or its outputs do not match the model's.
+        ForeignFileError, UntrustedGraphError: step 0 failed (exit 3).
+        InputError: the file cannot be loaded or run; a gate flag does not fit the model.
     """
+    has_labels = y_test is not None
+    if task is None:
+        task = quality.model_task(original, x_test, tol, has_labels)
     scan = scan_graph(onnx_path)
     if scan.problems:
         raise UntrustedGraphError(
@@ -269,6 +461,8 @@ def verify_export(
             + "; ".join(scan.problems[:3])
             + (f" (and {len(scan.problems) - 3} more)" if len(scan.problems) > 3 else "")
         )
+    before = original.eval()(x_test).numpy()
+    check_belongs(onnx_path, original, tuple(x_test.shape[1:]), tuple(before.shape[1:]))
     sess = session(onnx_path)
     failures: list[str] = []
     export_diff: float | None = None
@@ -303,23 +497,18 @@ def verify_export(
             "onnxruntime gave different outputs on two identical runs"
             f" (max diff {_max_diff(after, again):.3g}); the file's results are not reproducible"
         )
-    before = original.eval()(x_test).numpy()
-    if before.shape != after.shape:
-        raise InputError(
-            f"ONNX output shape {after.shape} does not match the model's {before.shape}"
+    if before.shape != after.shape:  # dims the file leaves dynamic: caught only when run
+        raise ForeignFileError(
+            f"{onnx_path} does not belong to this model: it outputs shape {after.shape},"
+            f" the model {before.shape}"
         )
-    max_diff = float(np.abs(before - after).max())
-    agreement = float((before.argmax(-1) == after.argmax(-1)).mean()) if classifier else None
-    acc_before, acc_after = accuracy(before, y_test), accuracy(after, y_test)
-    failures += comparison_failures(tol, agreement, acc_before, acc_after)
-    return Verification(
-        passed=not failures,
+    return decided(
+        task,
+        quality.measure(task, before, after, y_test),
+        failures,
+        tol,
+        has_labels,
         export_max_abs_diff=export_diff,
         export_batches=batches,
-        max_abs_diff=max_diff,
-        agreement=agreement,
-        accuracy_before=acc_before,
-        accuracy_after=acc_after,
         samples=len(x_test),
-        failures=failures,
     )

@@ -98,7 +98,8 @@ def test_sample_reported_test_accuracy_is_reproduced() -> None:
 
 
 def test_sample_generator_is_deterministic(tmp_path: Path) -> None:
-    """Two runs of make_transformer_digits (2 epochs, to stay fast) write identical bytes."""
+    """Two runs of make_transformer_digits write identical bytes (2 epochs over 256 training
+    samples, to stay fast: shuffling, dropout and the schedule still run across epochs)."""
     spec = importlib.util.spec_from_file_location(
         "make_samples", ROOT / "sample_models" / "make_samples.py"
     )
@@ -106,6 +107,7 @@ def test_sample_generator_is_deterministic(tmp_path: Path) -> None:
     make_samples = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_samples)
     data = dict(np.load(DIGITS))
+    data["train_idx"] = data["train_idx"][:256]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as make_samples.main does; intra-op splits change float sums
     try:
@@ -345,5 +347,5 @@ def test_compress_transformer_with_wrong_data_width_exits_2(
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and "do not fit the model" in lines[0], result.output
-    assert "(batch, 64)" in lines[0], result.output
+    assert len(lines) == 1, result.output
+    assert "expects 64 input features; the data has 63" in lines[0], result.output

@@ -12,31 +12,30 @@ Hypothesis shrinks it to a minimal reproducer.
 
 The default run is derandomized (the same cases every time, so CI cannot flake) and small; set
 ``RANKSHRINK_FUZZ_EXAMPLES=5000`` for a long randomized run. The number of cases run and how they
-ended are printed at the end of the session.
+ended are printed at the end of the module (the machinery is shared with ``test_fuzz_hf.py``, in
+``fuzz_util.py``).
 """
 
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 import warnings
 import zipfile
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from fuzz_util import Mutant, Outcomes, fuzz_settings
+from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from rankshrink.checkpoint import load_model
 from rankshrink.data import load_data
-from rankshrink.errors import RankshrinkError
 from rankshrink.pipeline import load_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,66 +45,16 @@ CHECKPOINTS = {
 }
 DIGITS = (SAMPLES / "digits.npz").read_bytes()
 
-EXAMPLES = int(os.environ.get("RANKSHRINK_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(
-    max_examples=EXAMPLES or 120,
-    derandomize=not EXAMPLES,
-    deadline=None,
-    database=None,  # no .hypothesis/ directory in the work tree
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-
-OUTCOMES: dict[str, Counter[str]] = {}  # test -> outcome ("loaded" or an error type) -> cases
+FUZZ = fuzz_settings(120)
+OUTCOMES = Outcomes()
+_expect_own_errors = OUTCOMES.expect_own_errors
 SCRATCH = Path(tempfile.mkdtemp(prefix="rankshrink-fuzz-"))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_counts(request: pytest.FixtureRequest) -> Iterator[None]:
     """Print how many cases ran and how they ended (for the issue's closing figures)."""
-    # Thousands of tiny tensor ops: one thread, or OpenMP's spinning dominates on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    total = sum(sum(c.values()) for c in OUTCOMES.values())
-    lines = [f"fuzz: {total} cases, every one loaded or raised a RankshrinkError"]
-    for test, counts in OUTCOMES.items():
-        lines.append(
-            f"  {test}: {sum(counts.values())} — "
-            + ", ".join(f"{n} {outcome}" for outcome, n in counts.most_common())
-        )
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
-            reporter.write_line("")
-            for line in lines:
-                reporter.write_line(line)
-
-
-def _expect_own_errors(test: str, load: Callable[[], object]) -> None:
-    """Run ``load``; a RankshrinkError must carry one line, anything else propagates."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch warns about odd files; the outcome is what counts
-        try:
-            load()
-            outcome = "loaded"
-        except RankshrinkError as exc:
-            message = str(exc)
-            assert message.strip() and "\n" not in message, f"not one line: {message!r}"
-            outcome = type(exc).__name__
-    OUTCOMES.setdefault(test, Counter())[outcome] += 1
-
-
-class Mutant:
-    """A mutated value with a short account of how it was made: Hypothesis prints the account
-    (not megabytes of bytes) when it reports a failing case."""
-
-    def __init__(self, value: Any, log: list[str]) -> None:
-        self.value, self.log = value, log
-
-    def __repr__(self) -> str:
-        return "Mutant(" + "; ".join(self.log) + ")"
+    yield from OUTCOMES.report(request)
 
 
 def _write(name: str, blob: bytes) -> Path:

@@ -210,7 +210,9 @@ def _run_onnx(path: Path, tokens: dict[str, np.ndarray]) -> np.ndarray:
 def test_family_compresses_verifies_and_saves(
     tmp_path: Path, folders: dict[tuple[str, str], Path], model_type: str, kind: str
 ) -> None:
-    """A short run (no shrinking asserted): export, padding, verify and --save-pt must agree."""
+    """A short run: export, padding, verify and --save-pt must agree. Loose fixed fusion
+    thresholds fuse enough in 20 steps (~0.92x) for the not-smaller gate; quality is not the
+    point here (tests/test_hf.py holds the folder quality run)."""
     folder, pad = folders[(model_type, kind)], _pad_id(model_type)
     tokens = _tokens(100, pad, seed=1)
     labels = {}
@@ -221,7 +223,8 @@ def test_family_compresses_verifies_and_saves(
     data, out, small = tmp_path / "tokens.npz", tmp_path / "out.onnx", tmp_path / "small.pt"
     np.savez(data, **tokens, **labels)
     args = ["compress", str(folder), "--data", str(data), "--out", str(out), "--save-pt"]
-    result = runner.invoke(app, [*args, str(small), "--steps", "30", "-q"])
+    fast = ["--steps", "20", "--tau-cos", "0.9", "--tau-euc", "10", "--no-target"]
+    result = runner.invoke(app, [*args, str(small), *fast, "-q"])
     assert result.exit_code == 0, result.output
     rep = json.loads(out.with_suffix(".json").read_text())
     ver = rep["verification"]

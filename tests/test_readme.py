@@ -1,35 +1,18 @@
 """The README's quick start is a contract: its commands are run here as a new user would.
 
-The install half of each command is what ``.ci/run`` does; this test runs the rest — the
-``rankshrink`` command on the bundled sample, in a scratch directory — and checks the issue's
-acceptance numbers on the report it writes.
+The install half of each command is what ``.ci/run`` does; the rest — the ``rankshrink`` command
+on the bundled sample, in a scratch directory — runs once per session (tests/shared_runs.py; the
+determinism test shares it), and its report must meet the issue's acceptance numbers.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import shlex
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import FinishedRun, quick_start_args, quick_start_commands
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def quick_start_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```(?:bash|sh)?\n(.*?)```", section, re.S)
-    assert block, "README quick start has no code block"
-    return [
-        line.strip()
-        for line in block.group(1).splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
 
 
 def test_quick_start_is_two_commands_install_then_run_and_install_then_test() -> None:
@@ -43,26 +26,15 @@ def test_quick_start_is_two_commands_install_then_run_and_install_then_test() ->
 
 
 @pytest.mark.slow
-def test_quick_start_compress_command_meets_the_acceptance_numbers(tmp_path: Path) -> None:
-    first, _ = quick_start_commands()
-    step = next(
-        part.strip() for part in first.split("&&") if part.strip().startswith("rankshrink ")
-    )
-    argv = shlex.split(step)
-    (tmp_path / "sample_models").symlink_to(ROOT / "sample_models")
-    exe = shutil.which("rankshrink")
-    cmd = [exe, *argv[1:]] if exe else [sys.executable, "-m", "rankshrink", *argv[1:]]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (
-        f"quick start failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    )
-    assert "Traceback" not in proc.stderr
-    onnx_files = list(tmp_path.glob("*.onnx"))
-    reports = list(tmp_path.glob("*.json"))
+@pytest.mark.cli_run(*quick_start_args())
+def test_quick_start_compress_command_meets_the_acceptance_numbers(cli_run: FinishedRun) -> None:
+    cli_run.check_ok()
+    onnx_files = list(cli_run.dir.glob("*.onnx"))
+    reports = list(cli_run.dir.glob("*.json"))
     assert len(onnx_files) == 1 and len(reports) == 1, (
-        f"expected one ONNX and one report, got {list(tmp_path.iterdir())}"
+        f"expected one ONNX and one report, got {sorted(p.name for p in cli_run.dir.iterdir())}"
     )
-    report = json.loads(reports[0].read_text())
+    report = cli_run.report()
     ver = report["verification"]
     assert ver["passed"], ver["failures"]
     assert report["onnx_bytes_after"] == onnx_files[0].stat().st_size

@@ -8,7 +8,6 @@ onnxruntime.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -16,12 +15,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from shared_runs import TRANSFORMER_DEFAULT, FinishedRun
 from torch import nn
-from typer.testing import CliRunner
 
 from rankshrink.arch import make_checkpoint
 from rankshrink.checkpoint import load_model
-from rankshrink.cli import app
 from rankshrink.encoder import EncoderConfig, TokenClassifier
 from rankshrink.errors import InputError, UnsupportedModelError
 from rankshrink.factorized import FactorizedLinear
@@ -37,10 +35,7 @@ from rankshrink.transformer_surgery import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample_models" / "transformer_digits.pt"
 DIGITS = ROOT / "sample_models" / "digits.npz"
-
-runner = CliRunner()
 
 SMALL = EncoderConfig(
     tokens=5, token_dim=3, d_model=12, heads=3, layers=2, ffn=20, classes=4, dropout=0.0
@@ -449,26 +444,21 @@ def test_folded_checkpoint_round_trips(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The CLI end to end on the bundled sample.
+# The CLI end to end on the bundled sample at the defaults: one run per session, shared by the
+# two tests below and tests/test_determinism.py (``--out t.onnx --save-pt t.pt``).
 
 
-def _compress(tmp_path: Path, *extra: str) -> tuple[dict, Path]:
-    out = tmp_path / "t.onnx"
-    argv = ["compress", str(SAMPLE), "--data", str(DIGITS), "--out", str(out), "--quiet", *extra]
-    result = runner.invoke(app, argv)
-    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
-    return json.loads((tmp_path / "t.json").read_text()), out
-
-
-def test_cli_compresses_the_sample_transformer(tmp_path: Path) -> None:
-    rep, out = _compress(tmp_path, "--steps", "60", "--save-pt", str(tmp_path / "t.pt"))
+@pytest.mark.cli_run(*TRANSFORMER_DEFAULT)
+def test_cli_compresses_the_sample_transformer(cli_run: FinishedRun) -> None:
+    cli_run.check_ok()
+    rep, out = cli_run.report(), cli_run.dir / "t.onnx"
     ver = rep["verification"]
     assert rep["model_family"] == "transformer"
     assert ver["passed"], ver["failures"]
     assert ver["export_max_abs_diff"] <= 1e-4, ver
     assert ver["fold_max_abs_diff"] <= 1e-4, ver
     assert rep["onnx_bytes_after"] == out.stat().st_size
-    assert rep["onnx_bytes_after"] < rep["onnx_bytes_before"], "40 steps should already shrink it"
+    assert rep["onnx_bytes_after"] < rep["onnx_bytes_before"], "the default run must shrink it"
     assert rep["config"]["train"]["target_ratio"] == 0.7, "the Transformer default target"
     names = [lay["name"] for lay in rep["layers"]]
     assert (
@@ -488,7 +478,7 @@ def test_cli_compresses_the_sample_transformer(tmp_path: Path) -> None:
     assert all(len(h["qk_widths"]) == 4 and max(h["qk_widths"]) <= 16 for h in heads)
 
     # the saved checkpoint reloads safely and computes what the ONNX computes
-    loaded = load_model(tmp_path / "t.pt")
+    loaded = load_model(cli_run.dir / "t.pt")
     data = np.load(DIGITS)
     x = torch.from_numpy(data["x"][data["test_idx"][:16]])
     with torch.no_grad():
@@ -498,8 +488,10 @@ def test_cli_compresses_the_sample_transformer(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_cli_defaults_meet_the_transformer_acceptance_numbers(tmp_path: Path) -> None:
-    rep, _ = _compress(tmp_path)
+@pytest.mark.cli_run(*TRANSFORMER_DEFAULT)
+def test_cli_defaults_meet_the_transformer_acceptance_numbers(cli_run: FinishedRun) -> None:
+    cli_run.check_ok()
+    rep = cli_run.report()
     ver = rep["verification"]
     assert ver["passed"], ver["failures"]
     assert rep["onnx_ratio"] <= 0.75, f"ONNX size ratio {rep['onnx_ratio']:.3f} > 0.75"
