@@ -4,12 +4,12 @@
     PYTHONPATH=. python benchmarks/bench_latency.py --wide [--steps 300]
 
 Default: compresses ``sample_models/mlp_digits.pt`` on ``sample_models/digits.npz`` with
-``rankshrink.pipeline.compress`` and its defaults (exits 1 when the sample files are missing).
+``rankshrink.pipeline.compress.compress`` and its defaults (exits 1 when the sample files are missing).
 ``--wide``: a random-init 784-2048-2048-10 MLP on random data (labels: the model's own argmax),
 compressed with ``--steps`` fine-tuning steps, where per-call overhead matters less.
 
 The original is exported with ``export_onnx(original, example, path, ExportConfig())``, the same
-exporter the pipeline uses. Both files run in ``rankshrink.verify.session(path, threads=1)``; each
+exporter the pipeline uses. Both files run in ``rankshrink.onnx.verify.session(path, threads=1)``; each
 batch size (1 and 256) is timed in rounds that alternate original/compressed (order flipped every
 round), and the medians of all single-call times are compared, so drift hits both equally.
 Printed: parameters and ONNX bytes before/after, latency per batch and its ratio, and
@@ -31,13 +31,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from rankshrink.arch import make_checkpoint
-from rankshrink.checkpoint import load_model
-from rankshrink.data import load_data
-from rankshrink.onnx_export import ExportConfig, export_onnx
-from rankshrink.pipeline import CompressConfig, compress
-from rankshrink.train import TrainConfig
-from rankshrink.verify import session
+from rankshrink.io.checkpoint import load_model
+from rankshrink.io.data import load_data
+from rankshrink.models.arch import make_checkpoint
+from rankshrink.onnx.export import ExportConfig, export_onnx
+from rankshrink.onnx.verify import session
+from rankshrink.pipeline.compress import CompressConfig, compress
+from rankshrink.train.rare_loop import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

@@ -11,7 +11,7 @@ no labels, so both modes distill the last hidden state.
 1. **Step time**: plain (``TrainConfig(lambda_rank=0, fusion=False, target_ratio=None)``) vs rare
    (``TrainConfig()`` defaults) on fresh factorized copies, each mode in its own spawned process so
    that its peak RSS (``ru_maxrss``) is its own; ms/step is ``report.seconds / steps``.
-2. **Compression and latency**: :func:`rankshrink.hf_pipeline.compress_hf` for ``--compress-steps``
+2. **Compression and latency**: :func:`rankshrink.pipeline.hf_compress.compress_hf` for ``--compress-steps``
    (defaults otherwise: target 0.7, the last 20 % plain recovery), then onnxruntime latency
    (median, one intra-op thread, sequences of 64) of the original and the compressed export at
    batch 1 and 32, next to the parameter ratio of the encoder linears (q, k, v, out, FFN in/out).
@@ -80,11 +80,11 @@ def step_time(
     folder: str, data: str, mode: str, steps: int, batch: int, threads: int, fields: dict
 ) -> dict:
     """One mode's fine-tuning in this (spawned) process: ms/step and peak RSS."""
-    from rankshrink.hf import PackedTokens, load_hf_folder, token_layout
-    from rankshrink.token_data import load_token_data
-    from rankshrink.train import TrainConfig, fine_tune_
-    from rankshrink.transformer_fold import export_bytes
-    from rankshrink.transformer_surgery import factorize_transformer_
+    from rankshrink.fold.transformer_fold import export_bytes
+    from rankshrink.io.hf_folder import PackedTokens, load_hf_folder, token_layout
+    from rankshrink.io.token_data import load_token_data
+    from rankshrink.methods.transformer_surgery import factorize_transformer_
+    from rankshrink.train.rare_loop import TrainConfig, fine_tune_
 
     torch.set_num_threads(threads)
     packed = PackedTokens(load_hf_folder(folder).model).eval()
@@ -120,7 +120,7 @@ def in_process(*args: object) -> dict:
 def latencies(paths: tuple[Path, Path], x: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median latency of two files on ``x``, measured in alternating rounds so that machine
     drift hits both alike."""
-    from rankshrink.hf_onnx import session, token_latency_ms
+    from rankshrink.onnx.tokens import session, token_latency_ms
 
     sessions = [session(p) for p in paths]
     times: list[list[float]] = [[], []]
@@ -192,13 +192,13 @@ def step_times(folder: Path, data: Path, args: argparse.Namespace) -> None:
 
 def compress_and_time(folder: Path, data: Path, tmp: Path, args: argparse.Namespace) -> None:
     """Compress with the pipeline, then onnxruntime latency of both exports at batch 1 and 32."""
-    from rankshrink.hf import load_hf_folder
-    from rankshrink.hf_onnx import export_tokens
-    from rankshrink.hf_pipeline import compress_hf
-    from rankshrink.onnx_export import ExportConfig
-    from rankshrink.pipeline import CompressConfig
-    from rankshrink.token_data import load_token_data
-    from rankshrink.train import TrainConfig
+    from rankshrink.io.hf_folder import load_hf_folder
+    from rankshrink.io.token_data import load_token_data
+    from rankshrink.onnx.export import ExportConfig
+    from rankshrink.onnx.tokens import export_tokens
+    from rankshrink.pipeline.compress import CompressConfig
+    from rankshrink.pipeline.hf_compress import compress_hf
+    from rankshrink.train.rare_loop import TrainConfig
 
     fields = fusion_config(args)
     cfg = CompressConfig(

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_step.py [--quick] [--rounds 3] [--threads 2]
         [--sample-steps 300] [--wide-steps 160] [--distill]
 
-Both modes run the same loop, :func:`rankshrink.train.fine_tune_`, on a fresh factorized copy of
+Both modes run the same loop, :func:`rankshrink.train.rare_loop.fine_tune_`, on a fresh factorized copy of
 the same model (``factorize_(prepare_chain(model))``, Frobenius normalization and L2 on):
 
 - plain: ``TrainConfig(lambda_rank=0, fusion=False, target_ratio=None)``;
@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rankshrink.chain import prepare_chain
-from rankshrink.checkpoint import load_model
-from rankshrink.fold import export_bytes
-from rankshrink.surgery import factorize_
-from rankshrink.train import TrainConfig, TrainReport, fine_tune_
+from rankshrink.fold.chain_fold import export_bytes
+from rankshrink.io.checkpoint import load_model
+from rankshrink.methods.surgery import factorize_
+from rankshrink.models.chain import prepare_chain
+from rankshrink.train.rare_loop import TrainConfig, TrainReport, fine_tune_
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rankshrink.arch import count_params
-from rankshrink.checkpoint import load_model
-from rankshrink.data import Dataset, load_data
-from rankshrink.finetune import fine_tune_plain
-from rankshrink.layer_sparsity import LayerSparsityConfig, layer_sparsity
-from rankshrink.lowrank_layers import LowRankConfig, low_rank
+from rankshrink.io.checkpoint import load_model
+from rankshrink.io.data import Dataset, load_data
+from rankshrink.methods.layer_sparsity import LayerSparsityConfig
+from rankshrink.methods.lowrank_layers import LowRankConfig, low_rank
+from rankshrink.models.arch import count_params
+from rankshrink.train.finetune import fine_tune_plain
+from rankshrink.train.sparsity import layer_sparsity
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 MODELS = {"mlp": "mlp_digits.pt", "transformer": "transformer_digits.pt"}
@@ -44,7 +45,7 @@ def accuracy(model: nn.Module, data: Dataset) -> float:
 
 
 def onnx_bytes(model: nn.Module, data: Dataset) -> int:
-    from rankshrink.onnx_export import ExportConfig, export_onnx
+    from rankshrink.onnx.export import ExportConfig, export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         return export_onnx(model.eval(), data.x_test[:2], Path(tmp) / "m.onnx", ExportConfig())

@@ -6,9 +6,9 @@
     python benchmarks/sweep_target.py --threads 1  # fewer torch threads on a busy machine
 
 Compresses ``sample_models/mlp_digits.pt`` (64-256-256-256-10 MLP) on ``sample_models/digits.npz``
-once per configuration, calling :func:`rankshrink.pipeline.compress` in-process the way
+once per configuration, calling :func:`rankshrink.pipeline.compress.compress` in-process the way
 ``rankshrink compress`` does: every flag starts from the CLI's own default (read from the signature
-of :func:`rankshrink.cli.compress`), the configuration's flags are applied on top, and
+of :func:`rankshrink.cli.app.compress`), the configuration's flags are applied on top, and
 ``CompressConfig``/``TrainConfig`` are built from them exactly as the CLI builds them. Outputs go to
 a temporary directory, again as the CLI writes them: the report always, the ONNX file only when
 every gate passed.
@@ -56,13 +56,13 @@ import onnxruntime as ort
 import torch
 
 from rankshrink import __version__
-from rankshrink import cli as rankshrink_cli
+from rankshrink.cli import app as rankshrink_cli
 from rankshrink.errors import RankshrinkError
-from rankshrink.onnx_export import ExportConfig
-from rankshrink.outputs import check_outputs, write_all
-from rankshrink.pipeline import CompressConfig, compress
-from rankshrink.train import TrainConfig
-from rankshrink.verify import Tolerances
+from rankshrink.io.outputs import check_outputs, write_all
+from rankshrink.onnx.export import ExportConfig
+from rankshrink.onnx.verify import Tolerances
+from rankshrink.pipeline.compress import CompressConfig, compress
+from rankshrink.train.rare_loop import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 QUICK_STEPS = 300
@@ -111,7 +111,7 @@ def variants(quick: bool) -> list[Variant]:
 
 
 def build_config(model: Path, data: Path, overrides: dict[str, Any]) -> CompressConfig:
-    """``CompressConfig`` from CLI option values, the way ``rankshrink.cli.compress`` builds it."""
+    """``CompressConfig`` from CLI option values, the way ``rankshrink.cli.app.compress`` builds it."""
     unknown = set(overrides) - set(CLI_DEFAULTS)
     if unknown:
         raise ValueError(f"not options of rankshrink compress: {sorted(unknown)}")

@@ -1,5 +1,5 @@
 """``python -m rankshrink``."""
 
-from rankshrink.cli import app
+from rankshrink.cli.app import app
 
 app(prog_name="rankshrink")

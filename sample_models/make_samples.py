@@ -8,7 +8,7 @@
 - ``mlp_digits.pt``: a ReLU MLP 64-256-256-256-10 with dropout 0.2, trained on the train split;
   a self-describing rankshrink checkpoint that loads with ``torch.load(weights_only=True)``.
 - ``transformer_digits.pt``: a pre-LayerNorm Transformer encoder classifier
-  (:class:`rankshrink.encoder.TokenClassifier`) reading each image as 8 tokens (rows) of 8 pixels:
+  (:class:`rankshrink.nn.encoder.TokenClassifier`) reading each image as 8 tokens (rows) of 8 pixels:
   d_model 64, 4 heads, 2 layers, ffn 128, dropout 0.1; same checkpoint format.
 
 Each sample is one ``make_*`` function; running the script twice gives byte-identical files on
@@ -32,8 +32,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from rankshrink.arch import build_model, make_checkpoint
-from rankshrink.encoder import EncoderConfig, TokenClassifier
+from rankshrink.models.arch import build_model, make_checkpoint
+from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
 
 SEED = 0
 MLP_EPOCHS = 100

@@ -7,14 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rankshrink.chain import prepare_chain
-from rankshrink.factorized import FactorizedLinear
-from rankshrink.fold import fold
-from rankshrink.fusion import FusionPlan, fuse_
-from rankshrink.indexed import IndexedLinear
-from rankshrink.indexmap import IndexMap
-from rankshrink.rare import AxisVectors, axis_vectors, cosine_matrix, pair_cosines, top_pairs
-from rankshrink.surgery import factorize_
+from rankshrink.fold.chain_fold import fold
+from rankshrink.math.indexmap import IndexMap
+from rankshrink.math.rare import AxisVectors, axis_vectors, cosine_matrix, pair_cosines, top_pairs
+from rankshrink.methods.fusion import FusionPlan, fuse_
+from rankshrink.methods.surgery import factorize_
+from rankshrink.models.chain import prepare_chain
+from rankshrink.nn.factorized import FactorizedLinear
+from rankshrink.nn.indexed import IndexedLinear
 
 ATOL = 1e-5  # float32 forward passes of O(1) values
 
@@ -123,7 +123,7 @@ def test_fusion_keeps_adam_state_of_survivors() -> None:
 
 
 def test_plan_keeps_the_shorter_vector_and_only_qualifying_pairs() -> None:
-    from rankshrink.fusion import plan_fusions
+    from rankshrink.methods.fusion import plan_fusions
 
     vectors = AxisVectors(
         torch.tensor([[1.0, 0.0], [3.0, 0.01], [0.0, 1.0], [0.0, -2.0]]), None, "rows"
@@ -267,8 +267,8 @@ def test_rare_gradient_in_closed_form_equals_autograd(
 ) -> None:
     """The RaRe gradient added after backward is autograd's gradient of the argmin pairs' terms,
     both from what the scoring gathered and, after a fusion made that stale, from ``W'``."""
-    from rankshrink.rare import rare_value
-    from rankshrink.train import LayerRare, RareTerm
+    from rankshrink.math.rare import rare_value
+    from rankshrink.train.rare_loop import LayerRare, RareTerm
 
     torch.manual_seed(seed)
     layer = FactorizedLinear(nn.Linear(7, 5, bias=with_bias).double(), frobenius=frobenius).double()
@@ -316,7 +316,7 @@ def test_rare_gradient_in_closed_form_equals_autograd(
 def test_pairs_stay_within_their_group(heads: int, width: int, seed: int) -> None:
     """With groups (attention heads), the search never pairs vectors of two groups, even when a
     cross-group pair is exactly parallel; after a fusion the groups follow the renumbering."""
-    from rankshrink.rare import PairCandidates
+    from rankshrink.math.rare import PairCandidates
 
     gen = torch.Generator().manual_seed(seed)
     count = heads * width
@@ -337,7 +337,7 @@ def test_pairs_stay_within_their_group(heads: int, width: int, seed: int) -> Non
 @given(index_maps())
 def test_feature_count_equals_sign_features(P: IndexMap) -> None:
     """The fast feature count the training loop uses equals the fold's feature space size."""
-    from rankshrink.fold import feature_count, sign_features
+    from rankshrink.fold.chain_fold import feature_count, sign_features
 
     assert feature_count(P) == len(sign_features(P)[0]), "feature_count != |sign features|"
     counts = torch.bincount(P.index, minlength=P.reduced)

@@ -17,17 +17,17 @@ from torch import nn
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from rankshrink.arch import CHECKPOINT_FORMAT, build_model, make_checkpoint
-from rankshrink.checkpoint import load_model
-from rankshrink.cli import app
-from rankshrink.encoder import (
+from rankshrink.cli.app import app
+from rankshrink.errors import InputError
+from rankshrink.io.checkpoint import load_model
+from rankshrink.models.arch import CHECKPOINT_FORMAT, build_model, make_checkpoint
+from rankshrink.nn.encoder import (
     EncoderConfig,
     SelfAttention,
     TokenClassifier,
     build_encoder,
     encoder_spec,
 )
-from rankshrink.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "transformer_digits.pt"
@@ -332,7 +332,7 @@ def _fail_if_reached(monkeypatch: pytest.MonkeyPatch) -> None:
     def reached(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("a refused run reached fine-tuning")
 
-    monkeypatch.setattr("rankshrink.pipeline.fine_tune_", reached)
+    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", reached)
 
 
 def test_compress_transformer_with_wrong_data_width_exits_2(

@@ -32,12 +32,12 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from rankshrink.cli import app
-from rankshrink.data import Dataset
-from rankshrink.data_fit import check_fit
+from rankshrink.cli.app import app
 from rankshrink.errors import InputError
-from rankshrink.indexed import IndexedLinear
-from rankshrink.onnx_export import ExportConfig, export_onnx
+from rankshrink.io.data import Dataset
+from rankshrink.io.data_fit import check_fit
+from rankshrink.nn.indexed import IndexedLinear
+from rankshrink.onnx.export import ExportConfig, export_onnx
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -60,15 +60,15 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def reached(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("bad input reached fine-tuning or export")
 
-    monkeypatch.setattr("rankshrink.pipeline.fine_tune_", reached)
-    monkeypatch.setattr("rankshrink.pipeline.export_onnx", reached)
+    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", reached)
+    monkeypatch.setattr("rankshrink.pipeline.compress.export_onnx", reached)
     return tmp_path
 
 
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The samples exported as they are: a real OUT.onnx for ``verify`` to be handed."""
-    from rankshrink.checkpoint import load_model
+    from rankshrink.io.checkpoint import load_model
 
     root = tmp_path_factory.mktemp("onnx")
     files = {}

@@ -1,4 +1,4 @@
-"""Plain fine-tuning (rankshrink.finetune): determinism, non-finite steps, the penalty hook."""
+"""Plain fine-tuning (rankshrink.train.finetune): determinism, non-finite steps, the penalty hook."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from rankshrink.errors import TrainingDivergedError
-from rankshrink.finetune import MAX_BAD_STEPS, fine_tune_plain
+from rankshrink.train.finetune import MAX_BAD_STEPS, fine_tune_plain
 
 
 @pytest.fixture(autouse=True, scope="module")

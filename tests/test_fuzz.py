@@ -4,8 +4,8 @@ Hypothesis mutates the bundled sample checkpoints and data file at three levels 
 (flips, truncation, insertion, deletion), zip members (dropped, renamed, cut, garbled, swapped,
 added) and the objects inside (tensors of the wrong shape, dtype or values; keys renamed or
 dropped; architecture fields set to nonsense) — and feeds each result to
-:func:`rankshrink.checkpoint.load_model`, :func:`rankshrink.data.load_data` and
-:func:`rankshrink.pipeline.load_inputs`. Each case must either load or raise a
+:func:`rankshrink.io.checkpoint.load_model`, :func:`rankshrink.io.data.load_data` and
+:func:`rankshrink.pipeline.compress.load_inputs`. Each case must either load or raise a
 :class:`~rankshrink.errors.RankshrinkError` whose message is one non-empty line; anything else
 escaping (a ``RuntimeError`` from torch, a ``KeyError`` from our own code) fails the test, and
 Hypothesis shrinks it to a minimal reproducer.
@@ -34,9 +34,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from rankshrink.checkpoint import load_model
-from rankshrink.data import load_data
-from rankshrink.pipeline import load_inputs
+from rankshrink.io.checkpoint import load_model
+from rankshrink.io.data import load_data
+from rankshrink.pipeline.compress import load_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"

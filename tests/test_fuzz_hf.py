@@ -15,8 +15,8 @@ locally with ``save_pretrained``; nothing is downloaded) are copied and mutated:
 - ``--text`` files: binary bytes, invalid UTF-8, NUL bytes, empty or blank-only, huge lines,
   odd line separators.
 
-Each mutant goes to the loaders the CLI uses — :func:`rankshrink.hf.load_model_or_folder` for a
-folder, :func:`rankshrink.token_data.load_for_encoder` for a ``.txt`` — and must load or raise a
+Each mutant goes to the loaders the CLI uses — :func:`rankshrink.io.hf_folder.load_model_or_folder` for a
+folder, :func:`rankshrink.io.token_data.load_for_encoder` for a ``.txt`` — and must load or raise a
 :class:`~rankshrink.errors.RankshrinkError` with one line (see ``fuzz_util.py``). Sockets are
 closed for the whole module: a loader that tried to download would fail the case.
 """
@@ -47,14 +47,14 @@ transformers = pytest.importorskip(
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from rankshrink.errors import InputError, RankshrinkError  # noqa: E402
-from rankshrink.hf import (  # noqa: E402
+from rankshrink.io.hf_folder import (  # noqa: E402
     INDEX_FILE,
     WEIGHTS_FILE,
     load_hf_folder,
     load_model_or_folder,
 )
-from rankshrink.token_data import load_for_encoder  # noqa: E402
-from rankshrink.token_encoder import TokenEncoderConfig  # noqa: E402
+from rankshrink.io.token_data import load_for_encoder  # noqa: E402
+from rankshrink.nn.token_encoder import TokenEncoderConfig  # noqa: E402
 
 OUTCOMES = Outcomes()
 SCRATCH = Path(tempfile.mkdtemp(prefix="rankshrink-fuzz-hf-"))

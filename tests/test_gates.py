@@ -1,4 +1,4 @@
-"""The quality gates (rankshrink.gates) and verify's check that a file belongs to its model."""
+"""The quality gates (rankshrink.onnx.gates) and verify's check that a file belongs to its model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from rankshrink.errors import InputError
-from rankshrink.gates import (
+from rankshrink.onnx.export import ExportConfig, export_onnx
+from rankshrink.onnx.gates import (
     APPLIES,
     Gate,
     Quality,
@@ -24,8 +25,7 @@ from rankshrink.gates import (
     resolve_task,
     size_gates,
 )
-from rankshrink.onnx_export import ExportConfig, export_onnx
-from rankshrink.verify import (
+from rankshrink.onnx.verify import (
     ForeignFileError,
     check_belongs,
     stamp_provenance,

@@ -14,9 +14,9 @@ from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
 
-from rankshrink.arch import make_checkpoint
-from rankshrink.cli import app
-from rankshrink.render import verdict_line, verification_lines, verification_table
+from rankshrink.cli.app import app
+from rankshrink.cli.render import verdict_line, verification_lines, verification_table
+from rankshrink.models.arch import make_checkpoint
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -131,7 +131,7 @@ def test_verify_refuses_another_models_file_in_one_line(mlp_onnx: Path, tmp_path
     # other widths: a model of 32 features against the 64-feature MLP
     torch.manual_seed(0)
     narrow = nn.Sequential(nn.Linear(32, 10)).eval()
-    from rankshrink.onnx_export import ExportConfig, export_onnx
+    from rankshrink.onnx.export import ExportConfig, export_onnx
 
     path = tmp_path / "narrow.onnx"
     export_onnx(narrow, torch.randn(4, 32), path, ExportConfig())

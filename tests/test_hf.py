@@ -20,17 +20,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rankshrink.cli import app
+from rankshrink.cli.app import app
 from rankshrink.errors import InputError
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'rankshrink[hf]')"
 )
 
-from rankshrink.arch import make_checkpoint  # noqa: E402
-from rankshrink.checkpoint import load_model  # noqa: E402
-from rankshrink.hf import TokenEncoder, load_hf_folder  # noqa: E402
-from rankshrink.hf_onnx import padded  # noqa: E402
+from rankshrink.io.checkpoint import load_model  # noqa: E402
+from rankshrink.io.hf_folder import TokenEncoder, load_hf_folder  # noqa: E402
+from rankshrink.models.arch import make_checkpoint  # noqa: E402
+from rankshrink.onnx.tokens import padded  # noqa: E402
 
 runner = CliRunner()
 VOCAB, T = 100, 16
@@ -46,7 +46,7 @@ SIZES = dict(
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # tiny models: a second thread only waits on the other one (see rankshrink.threads)
+    # tiny models: a second thread only waits on the other one (see rankshrink.pipeline.threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -310,7 +310,7 @@ def test_classifier_compresses_exports_and_verifies(
 def test_text_is_tokenized_with_the_folders_tokenizer(
     tmp_path: Path, folders: dict[str, Path]
 ) -> None:
-    from rankshrink.token_data import load_text_data
+    from rankshrink.io.token_data import load_text_data
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "dog", "sat", "on", "mat"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")

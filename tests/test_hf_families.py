@@ -20,15 +20,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rankshrink.cli import app
+from rankshrink.cli.app import app
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install 'rankshrink[hf]')"
 )
 
-from rankshrink.checkpoint import load_model  # noqa: E402
-from rankshrink.hf import load_hf_folder  # noqa: E402
-from rankshrink.hf_onnx import padded  # noqa: E402
+from rankshrink.io.checkpoint import load_model  # noqa: E402
+from rankshrink.io.hf_folder import load_hf_folder  # noqa: E402
+from rankshrink.onnx.tokens import padded  # noqa: E402
 
 runner = CliRunner()
 VOCAB, T, MAX_POS = 100, 16, 64

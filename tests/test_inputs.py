@@ -34,9 +34,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from rankshrink.arch import make_checkpoint
-from rankshrink.cli import app
-from rankshrink.indexed import IndexedLinear
+from rankshrink.cli.app import app
+from rankshrink.models.arch import make_checkpoint
+from rankshrink.nn.indexed import IndexedLinear
 
 runner = CliRunner()
 
@@ -715,8 +715,8 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return fail
 
-    monkeypatch.setattr("rankshrink.pipeline.fine_tune_", reached("fine-tuning"))
-    monkeypatch.setattr("rankshrink.pipeline.export_onnx", reached("ONNX export"))
+    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", reached("fine-tuning"))
+    monkeypatch.setattr("rankshrink.pipeline.compress.export_onnx", reached("ONNX export"))
 
 
 def _argv(w: Workspace, c: Case) -> tuple[list[str], Callable[[str], str]]:

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from rankshrink import outputs
-from rankshrink.cli import app
-from rankshrink.outputs import signals_deferred, write_all
+from rankshrink.cli.app import app
+from rankshrink.io import outputs
+from rankshrink.io.outputs import signals_deferred, write_all
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "sample_models" / "mlp_digits.pt"
@@ -157,7 +157,7 @@ _CTRL_C_IN_EXEC = """
 import typer
 from rich.console import Console
 
-from rankshrink.cli import _errors
+from rankshrink.cli.app import _errors
 
 app = typer.Typer()
 

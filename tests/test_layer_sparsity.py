@@ -10,23 +10,23 @@ import pytest
 import torch
 from torch import nn
 
-from rankshrink.arch import count_params
-from rankshrink.checkpoint import load_model
-from rankshrink.data import load_data
-from rankshrink.encoder import EncoderConfig, TokenClassifier
 from rankshrink.errors import UnsupportedModelError
-from rankshrink.layer_sparsity import (
+from rankshrink.io.checkpoint import load_model
+from rankshrink.io.data import load_data
+from rankshrink.methods.layer_sparsity import (
     LayerSparsityConfig,
     as_chain,
     augmented,
     collapse,
     find_identity_layers_,
-    layer_sparsity,
     negative_part_penalty,
     penalized_layers,
 )
-from rankshrink.onnx_export import ExportConfig, export_onnx
-from rankshrink.verify import run, session
+from rankshrink.models.arch import count_params
+from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
+from rankshrink.onnx.export import ExportConfig, export_onnx
+from rankshrink.onnx.verify import run, session
+from rankshrink.train.sparsity import layer_sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "mlp_digits.pt"

@@ -13,13 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rankshrink.arch import count_params
-from rankshrink.checkpoint import load_model
-from rankshrink.data import load_data
-from rankshrink.encoder import EncoderConfig, TokenClassifier
 from rankshrink.errors import InputError
-from rankshrink.finetune import fine_tune_plain
-from rankshrink.lowrank import (
+from rankshrink.io.checkpoint import load_model
+from rankshrink.io.data import load_data
+from rankshrink.math.lowrank import (
     TW1_95,
     energy_rank,
     energy_ranks,
@@ -30,7 +27,7 @@ from rankshrink.lowrank import (
     split_is_smaller,
     truncated_svd,
 )
-from rankshrink.lowrank_layers import (
+from rankshrink.methods.lowrank_layers import (
     LowRankConfig,
     LowRankLinear,
     expand_low_rank,
@@ -39,8 +36,11 @@ from rankshrink.lowrank_layers import (
     low_rank_,
     plan_low_rank,
 )
-from rankshrink.onnx_export import ExportConfig, export_onnx
-from rankshrink.verify import run, session
+from rankshrink.models.arch import count_params
+from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
+from rankshrink.onnx.export import ExportConfig, export_onnx
+from rankshrink.onnx.verify import run, session
+from rankshrink.train.finetune import fine_tune_plain
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "mlp_digits.pt"

@@ -15,10 +15,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rankshrink.checkpoint import load_model
-from rankshrink.cli import app
-from rankshrink.data import load_data
-from rankshrink.verify import run, session
+from rankshrink.cli.app import app
+from rankshrink.io.checkpoint import load_model
+from rankshrink.io.data import load_data
+from rankshrink.onnx.verify import run, session
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "mlp_digits.pt"

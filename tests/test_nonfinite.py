@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from rankshrink import pipeline
-from rankshrink.arch import make_checkpoint
-from rankshrink.cli import app
+from rankshrink.cli.app import app
+from rankshrink.models.arch import make_checkpoint
+from rankshrink.pipeline import compress as pipeline
 
 NAN = float("nan")
 
@@ -32,7 +32,7 @@ NAN = float("nan")
 def inputs(tmp_path: Path) -> tuple[Path, Path, Path]:
     torch.manual_seed(0)
     # the BatchNorm folds into the Linear before it, so even a run that never fuses exports a
-    # smaller file, as it must to pass the not-smaller gate (rankshrink.gates.size_gates)
+    # smaller file, as it must to pass the not-smaller gate (rankshrink.onnx.gates.size_gates)
     model = nn.Sequential(nn.Linear(8, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 3))
     gen = np.random.default_rng(0)
     (tmp_path / "in").mkdir()

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from rankshrink import onnx_export, outputs
-from rankshrink.arch import make_checkpoint
-from rankshrink.cli import app
-from rankshrink.onnx_export import ExportConfig, ExportError, export_onnx, refuse_external_data
-from rankshrink.outputs import write_all
+from rankshrink.cli.app import app
+from rankshrink.io import outputs
+from rankshrink.io.outputs import write_all
+from rankshrink.models.arch import make_checkpoint
+from rankshrink.onnx import export as onnx_export
+from rankshrink.onnx.export import ExportConfig, ExportError, export_onnx, refuse_external_data
 
 
 def test_write_all_failing_rename_removes_what_it_created(
@@ -98,7 +99,7 @@ def test_models_over_the_single_file_limit_are_refused_before_training(
     def never(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("fine-tuning started")
 
-    monkeypatch.setattr("rankshrink.pipeline.fine_tune_", never)
+    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", never)
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(
         app, ["compress", str(model), "--data", str(data), "--out", str(out), "-q"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rankshrink.outputs import write_all
+from rankshrink.io.outputs import write_all
 
 
 def _mode(path: Path) -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankshrink.pickles import TORCH_LEGACY_MAGIC, pickle_globals, unsafe_globals
+from rankshrink.io.pickles import TORCH_LEGACY_MAGIC, pickle_globals, unsafe_globals
 
 
 class Payload:

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from rankshrink.arch import build_sequential, make_checkpoint
-from rankshrink.cli import app
-from rankshrink.onnx_export import ExportConfig
-from rankshrink.pipeline import CompressConfig, compress
-from rankshrink.train import TrainConfig
-from rankshrink.verify import run, session
+from rankshrink.cli.app import app
+from rankshrink.models.arch import build_sequential, make_checkpoint
+from rankshrink.onnx.export import ExportConfig
+from rankshrink.onnx.verify import run, session
+from rankshrink.pipeline.compress import CompressConfig, compress
+from rankshrink.train.rare_loop import TrainConfig
 
 runner = CliRunner()
 

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from rich.cells import cell_len
 from rich.console import Console
 
-from rankshrink.numfmt import num
-from rankshrink.render import (
+from rankshrink.cli.numfmt import num
+from rankshrink.cli.render import (
     compare_table,
     inspect_summary,
     inspect_table,
@@ -37,7 +37,7 @@ from rankshrink.render import (
     summary_table,
     training_progress,
 )
-from rankshrink.train import StepStats
+from rankshrink.train.rare_loop import StepStats
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = Path(__file__).parent / "golden"
@@ -309,7 +309,7 @@ def test_num_keeps_the_value_and_drops_only_the_sign_of_zero(value: float, spec:
 
 def test_compare_plot_axis_starts_well_below_the_original() -> None:
     pytest.importorskip("matplotlib")
-    from rankshrink.plots import compare_figure
+    from rankshrink.cli.plots import compare_figure
 
     rows = _compare_rows()
     original = rows[0]["accuracy"]
@@ -329,7 +329,7 @@ def test_compare_plot_axis_starts_well_below_the_original() -> None:
 
 
 def test_accuracy_limits() -> None:
-    from rankshrink.plots import accuracy_limits
+    from rankshrink.cli.plots import accuracy_limits
 
     # close results: the axis still spans 5 points below the original
     low, high = accuracy_limits([97.5, 97.78, 98.05], 97.78, 360)
@@ -345,7 +345,7 @@ def test_accuracy_limits() -> None:
 def test_inspect_command_off_a_terminal_is_100_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from rankshrink.cli import _width, app
+    from rankshrink.cli.app import _width, app
 
     monkeypatch.setattr("sys.stdout", StringIO())  # a pipe or a CI log: not a terminal
     assert _width() == WIDTH

@@ -1,4 +1,4 @@
-"""The thread policy (rankshrink.threads): its decisions, that every stage of every method runs
+"""The thread policy (rankshrink.pipeline.threads): its decisions, that every stage of every method runs
 on the count it decides, and that the default result does not depend on the core count.
 
 The policy's speed claims (a busy machine costs its share, not an order of magnitude) are
@@ -19,9 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from rankshrink.methods import MethodConfig, compress_method
-from rankshrink.pipeline import CompressConfig
-from rankshrink.threads import (
+from rankshrink.pipeline.compress import CompressConfig
+from rankshrink.pipeline.methods import MethodConfig, compress_method
+from rankshrink.pipeline.threads import (
     FLOPS_PER_THREAD,
     SMALL_STEP_FLOPS,
     available_cores,
@@ -30,7 +30,7 @@ from rankshrink.threads import (
     policy_threads,
     step_flops,
 )
-from rankshrink.train import TrainConfig
+from rankshrink.train.rare_loop import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "sample_models" / "mlp_digits.pt"
@@ -67,7 +67,7 @@ def test_big_steps_get_a_thread_per_share_of_work_up_to_the_cores() -> None:
 
 @pytest.mark.parametrize("model", [MODEL, TRANSFORMER], ids=["mlp", "transformer"])
 def test_the_bundled_samples_are_small(model: Path) -> None:
-    from rankshrink.pipeline import load_inputs
+    from rankshrink.pipeline.compress import load_inputs
 
     loaded, data, _ = load_inputs(model, DATA, None, False, 0)
     flops = step_flops(loaded.model, data.x_train[:1], TrainConfig().batch_size)

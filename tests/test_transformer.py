@@ -18,21 +18,18 @@ import torch
 from shared_runs import TRANSFORMER_DEFAULT, FinishedRun
 from torch import nn
 
-from rankshrink.arch import make_checkpoint
-from rankshrink.checkpoint import load_model
-from rankshrink.encoder import EncoderConfig, TokenClassifier
 from rankshrink.errors import InputError, UnsupportedModelError
-from rankshrink.factorized import FactorizedLinear
-from rankshrink.folded_encoder import AttentionWithOut, HeadwiseAttention, build_folded
-from rankshrink.fusion import FusionPlan, fuse_
-from rankshrink.onnx_export import ExportConfig, export_onnx
-from rankshrink.train import StepStats, TrainConfig, fine_tune_
-from rankshrink.transformer_fold import export_bytes, ffn_features, fold_transformer
-from rankshrink.transformer_surgery import (
-    TransformerChain,
-    factorize_transformer_,
-    transformer_layout,
-)
+from rankshrink.fold.transformer_fold import export_bytes, ffn_features, fold_transformer
+from rankshrink.io.checkpoint import load_model
+from rankshrink.methods.fusion import FusionPlan, fuse_
+from rankshrink.methods.transformer_surgery import TransformerChain, factorize_transformer_
+from rankshrink.models.arch import make_checkpoint
+from rankshrink.models.transformer_layout import transformer_layout
+from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
+from rankshrink.nn.factorized import FactorizedLinear
+from rankshrink.nn.folded_encoder import AttentionWithOut, HeadwiseAttention, build_folded
+from rankshrink.onnx.export import ExportConfig, export_onnx
+from rankshrink.train.rare_loop import StepStats, TrainConfig, fine_tune_
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "sample_models" / "digits.npz"
@@ -254,7 +251,7 @@ def test_folded_equals_factorized(name: str) -> None:
 
 
 def test_ffn_features_merge_only_exact_duplicates() -> None:
-    from rankshrink.indexmap import IndexMap
+    from rankshrink.math.indexmap import IndexMap
 
     P = IndexMap(torch.tensor([0, 1, 0, 2, 1, 0]), torch.tensor([1.0, 2.0, 1.0, 1.0, -2.0, 0.5]), 3)
     index, scale, row_feature = ffn_features(P)
@@ -341,7 +338,7 @@ def test_a_layout_with_the_output_projection_outside_attention_folds_with_masks(
     """The surgery and fold reach a block through module names alone (as a BERT layout will):
     the core replaces ``attention``, the output projection stays at ``dense``; masks and any
     sequence length pass through."""
-    from rankshrink.transformer_surgery import BlockLayout, TransformerLayout
+    from rankshrink.models.transformer_layout import BlockLayout, TransformerLayout
 
     torch.manual_seed(11)
     block = _BertLikeBlock().eval()
@@ -374,7 +371,7 @@ def test_a_layout_with_the_output_projection_outside_attention_folds_with_masks(
 
 
 def test_recovery_phase_fuses_nothing_and_progress_spans_both_phases() -> None:
-    from rankshrink.recovery import RecoveryConfig, fine_tune_with_recovery_
+    from rankshrink.train.recovery import RecoveryConfig, fine_tune_with_recovery_
 
     chain = _factorize(_model(seed=9))
     x = _x(64, seed=10)

@@ -19,13 +19,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from rankshrink import verify
-from rankshrink.arch import make_checkpoint
-from rankshrink.cli import app
+from rankshrink.cli.app import app
 from rankshrink.errors import InputError
-from rankshrink.indexed import IndexedLinear
-from rankshrink.onnx_export import ExportConfig, export_onnx
-from rankshrink.verify import (
+from rankshrink.models.arch import make_checkpoint
+from rankshrink.nn.indexed import IndexedLinear
+from rankshrink.onnx import verify
+from rankshrink.onnx.export import ExportConfig, export_onnx
+from rankshrink.onnx.verify import (
     Tolerances,
     UntrustedGraphError,
     scan_graph,

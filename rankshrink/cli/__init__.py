@@ -1,0 +1,1 @@
+"""Presentation: the command line, terminal rendering, plots."""

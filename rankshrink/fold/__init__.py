@@ -1,0 +1,1 @@
+"""Folding: factorized models into the plain, smaller modules that are exported."""

@@ -1,0 +1,1 @@
+"""Files in and out: checkpoints, data, Hugging Face folders, atomic output writing."""

@@ -1,0 +1,1 @@
+"""The methods' surgery on a model: RaRe factorization and fusion, low-rank, layer sparsity."""

@@ -1,0 +1,1 @@
+"""torch modules: factorized, indexed and low-rank layers, the encoders rankshrink builds."""

@@ -1,0 +1,1 @@
+"""The ONNX boundary: export, onnxruntime sessions, verification and its quality gates."""

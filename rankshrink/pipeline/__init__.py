@@ -1,0 +1,1 @@
+"""Orchestration: one compress() over every model and method, compare, the report."""
