@@ -36,7 +36,8 @@ from rankshrink.io.data import load_data
 from rankshrink.models.arch import make_checkpoint
 from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.onnx.verify import session
-from rankshrink.pipeline.compress import CompressConfig, compress
+from rankshrink.pipeline.compress import compress
+from rankshrink.pipeline.config import CompressConfig
 from rankshrink.train.rare_loop import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"

@@ -11,7 +11,7 @@ no labels, so both modes distill the last hidden state.
 1. **Step time**: plain (``TrainConfig(lambda_rank=0, fusion=False, target_ratio=None)``) vs rare
    (``TrainConfig()`` defaults) on fresh factorized copies, each mode in its own spawned process so
    that its peak RSS (``ru_maxrss``) is its own; ms/step is ``report.seconds / steps``.
-2. **Compression and latency**: :func:`rankshrink.pipeline.hf_compress.compress_hf` for ``--compress-steps``
+2. **Compression and latency**: :func:`rankshrink.pipeline.compress.compress` for ``--compress-steps``
    (defaults otherwise: target 0.7, the last 20 % plain recovery), then onnxruntime latency
    (median, one intra-op thread, sequences of 64) of the original and the compressed export at
    batch 1 and 32, next to the parameter ratio of the encoder linears (q, k, v, out, FFN in/out).
@@ -120,13 +120,16 @@ def in_process(*args: object) -> dict:
 def latencies(paths: tuple[Path, Path], x: torch.Tensor, repeats: int) -> tuple[float, float]:
     """Median latency of two files on ``x``, measured in alternating rounds so that machine
     drift hits both alike."""
-    from rankshrink.onnx.tokens import session, token_latency_ms
+    from rankshrink.models.io_spec import token_io
+    from rankshrink.onnx.session import latency_ms, session
+
+    io = token_io(base=True, pad_id=0)
 
     sessions = [session(p) for p in paths]
     times: list[list[float]] = [[], []]
     for _ in range(3):
         for i, sess in enumerate(sessions):
-            times[i].append(token_latency_ms(sess, x, repeats=repeats))
+            times[i].append(latency_ms(sess, x, repeats=repeats, io=io))
     return statistics.median(times[0]), statistics.median(times[1])
 
 
@@ -194,10 +197,11 @@ def compress_and_time(folder: Path, data: Path, tmp: Path, args: argparse.Namesp
     """Compress with the pipeline, then onnxruntime latency of both exports at batch 1 and 32."""
     from rankshrink.io.hf_folder import load_hf_folder
     from rankshrink.io.token_data import load_token_data
-    from rankshrink.onnx.export import ExportConfig
-    from rankshrink.onnx.tokens import export_tokens
-    from rankshrink.pipeline.compress import CompressConfig
-    from rankshrink.pipeline.hf_compress import compress_hf
+    from rankshrink.models.io_spec import token_io
+    from rankshrink.nn.token_encoder import PackedTokens
+    from rankshrink.onnx.export import ExportConfig, export_onnx
+    from rankshrink.pipeline.compress import compress
+    from rankshrink.pipeline.config import CompressConfig
     from rankshrink.train.rare_loop import TrainConfig
 
     fields = fusion_config(args)
@@ -210,7 +214,7 @@ def compress_and_time(folder: Path, data: Path, tmp: Path, args: argparse.Namesp
         threads=args.threads,  # as the step-time part, not the thread policy's count
     )
     start = time.perf_counter()
-    result = compress_hf(cfg)
+    result = compress(cfg)
     wall = time.perf_counter() - start
     rep = result.report
     ver = rep["verification"]
@@ -232,7 +236,7 @@ def compress_and_time(folder: Path, data: Path, tmp: Path, args: argparse.Namesp
     before_path, after_path = tmp / "original.onnx", tmp / "compressed.onnx"
     after_path.write_bytes(result.onnx)
     original = load_hf_folder(folder).model
-    export_tokens(original, ds.x_train[:4], before_path, ExportConfig(), "last_hidden_state")
+    export_onnx(PackedTokens(original), ds.x_train[:4], before_path, ExportConfig(), token_io(True, 0))
     print()
     print("onnxruntime latency, 1 intra-op thread, 64 tokens (median of 3 alternating rounds):")
     print("| batch | original ms | compressed ms | latency ratio | encoder-linear param ratio |")

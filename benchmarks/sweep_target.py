@@ -60,8 +60,9 @@ from rankshrink.cli import app as rankshrink_cli
 from rankshrink.errors import RankshrinkError
 from rankshrink.io.outputs import check_outputs, write_all
 from rankshrink.onnx.export import ExportConfig
-from rankshrink.onnx.verify import Tolerances
-from rankshrink.pipeline.compress import CompressConfig, compress
+from rankshrink.onnx.gates import Tolerances
+from rankshrink.pipeline.compress import compress
+from rankshrink.pipeline.config import CompressConfig
 from rankshrink.train.rare_loop import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"

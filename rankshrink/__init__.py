@@ -25,3 +25,28 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+#: The Python API, loaded on first use so that ``import rankshrink`` stays cheap (no torch).
+_API = {
+    "compress": "rankshrink.pipeline.compress",
+    "CompressResult": "rankshrink.pipeline.compress",
+    "CompressConfig": "rankshrink.pipeline.config",
+    "MethodConfig": "rankshrink.pipeline.config",
+    "TrainConfig": "rankshrink.train.rare_loop",
+    "Tolerances": "rankshrink.onnx.gates",
+    "ExportConfig": "rankshrink.onnx.export",
+    "verify_file": "rankshrink.pipeline.verify_file",
+    "compare": "rankshrink.pipeline.compare",
+    "CompareConfig": "rankshrink.pipeline.compare",
+    "METHODS": "rankshrink.pipeline.methods",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> object:
+    """``from rankshrink import compress, CompressConfig``: see :data:`_API`."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'rankshrink' has no attribute {name!r}")

@@ -332,7 +332,7 @@ def _fail_if_reached(monkeypatch: pytest.MonkeyPatch) -> None:
     def reached(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("a refused run reached fine-tuning")
 
-    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", reached)
+    monkeypatch.setattr("rankshrink.pipeline.rare_stage.fine_tune_", reached)
 
 
 def test_compress_transformer_with_wrong_data_width_exits_2(

@@ -60,7 +60,7 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def reached(*_args: Any, **_kwargs: Any) -> Any:
         raise AssertionError("bad input reached fine-tuning or export")
 
-    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", reached)
+    monkeypatch.setattr("rankshrink.pipeline.rare_stage.fine_tune_", reached)
     monkeypatch.setattr("rankshrink.pipeline.compress.export_onnx", reached)
     return tmp_path
 

@@ -5,7 +5,7 @@ Hypothesis mutates the bundled sample checkpoints and data file at three levels 
 added) and the objects inside (tensors of the wrong shape, dtype or values; keys renamed or
 dropped; architecture fields set to nonsense) — and feeds each result to
 :func:`rankshrink.io.checkpoint.load_model`, :func:`rankshrink.io.data.load_data` and
-:func:`rankshrink.pipeline.compress.load_inputs`. Each case must either load or raise a
+:func:`rankshrink.pipeline.subject.load_subject`. Each case must either load or raise a
 :class:`~rankshrink.errors.RankshrinkError` whose message is one non-empty line; anything else
 escaping (a ``RuntimeError`` from torch, a ``KeyError`` from our own code) fails the test, and
 Hypothesis shrinks it to a minimal reproducer.
@@ -36,7 +36,7 @@ from hypothesis.extra import numpy as hnp
 
 from rankshrink.io.checkpoint import load_model
 from rankshrink.io.data import load_data
-from rankshrink.pipeline.compress import load_inputs
+from rankshrink.pipeline.subject import load_subject
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
@@ -409,4 +409,4 @@ def test_data_arrays_against_the_model(mutant: Mutant, suffix: str) -> None:
             path,
         )
     model = SAMPLES / "mlp_digits.pt"
-    _expect_own_errors("data arrays", lambda: load_inputs(model, path, None, False, 0))
+    _expect_own_errors("data arrays", lambda: load_subject(model, path, None, False, 0))

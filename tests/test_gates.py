@@ -25,14 +25,13 @@ from rankshrink.onnx.gates import (
     resolve_task,
     size_gates,
 )
-from rankshrink.onnx.verify import (
+from rankshrink.onnx.provenance import (
     ForeignFileError,
     check_belongs,
     stamp_provenance,
-    verify_export,
     weights_sha256,
-    with_gates,
 )
+from rankshrink.onnx.verify import verify_export, with_gates
 
 # -- task kinds and flags -------------------------------------------------------------------------
 

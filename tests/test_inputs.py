@@ -715,7 +715,7 @@ def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return fail
 
-    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", reached("fine-tuning"))
+    monkeypatch.setattr("rankshrink.pipeline.rare_stage.fine_tune_", reached("fine-tuning"))
     monkeypatch.setattr("rankshrink.pipeline.compress.export_onnx", reached("ONNX export"))
 
 

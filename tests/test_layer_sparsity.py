@@ -25,7 +25,7 @@ from rankshrink.methods.layer_sparsity import (
 from rankshrink.models.arch import count_params
 from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
 from rankshrink.onnx.export import ExportConfig, export_onnx
-from rankshrink.onnx.verify import run, session
+from rankshrink.onnx.session import run, session
 from rankshrink.train.sparsity import layer_sparsity
 
 ROOT = Path(__file__).resolve().parents[1]

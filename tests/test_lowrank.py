@@ -39,7 +39,7 @@ from rankshrink.methods.lowrank_layers import (
 from rankshrink.models.arch import count_params
 from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
 from rankshrink.onnx.export import ExportConfig, export_onnx
-from rankshrink.onnx.verify import run, session
+from rankshrink.onnx.session import run, session
 from rankshrink.train.finetune import fine_tune_plain
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from rankshrink.cli.app import app
 from rankshrink.io.checkpoint import load_model
 from rankshrink.io.data import load_data
-from rankshrink.onnx.verify import run, session
+from rankshrink.onnx.session import run, session
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_models" / "mlp_digits.pt"

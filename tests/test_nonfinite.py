@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from rankshrink.cli.app import app
 from rankshrink.models.arch import make_checkpoint
-from rankshrink.pipeline import compress as pipeline
+from rankshrink.pipeline import rare_stage as pipeline
 
 NAN = float("nan")
 

@@ -99,7 +99,7 @@ def test_models_over_the_single_file_limit_are_refused_before_training(
     def never(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("fine-tuning started")
 
-    monkeypatch.setattr("rankshrink.pipeline.compress.fine_tune_", never)
+    monkeypatch.setattr("rankshrink.pipeline.rare_stage.fine_tune_", never)
     out = tmp_path / "out.onnx"
     result = CliRunner().invoke(
         app, ["compress", str(model), "--data", str(data), "--out", str(out), "-q"]

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from rankshrink.cli.app import app
 from rankshrink.models.arch import build_sequential, make_checkpoint
 from rankshrink.onnx.export import ExportConfig
-from rankshrink.onnx.verify import run, session
-from rankshrink.pipeline.compress import CompressConfig, compress
+from rankshrink.onnx.session import run, session
+from rankshrink.pipeline.compress import compress
+from rankshrink.pipeline.config import CompressConfig
 from rankshrink.train.rare_loop import TrainConfig
 
 runner = CliRunner()
@@ -85,7 +86,7 @@ def test_compress_oracles_dense_factorized_folded_onnx(
     path.write_bytes(result.onnx)
     x = torch.randn(7, 12)
     got = run(session(path), x)
-    want = result.fold.model(x).detach().numpy()
+    want = result.model(x).detach().numpy()
     assert np.abs(got - want).max() <= 1e-4, "onnxruntime output differs from the folded model"
 
 

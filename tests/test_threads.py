@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from rankshrink.pipeline.compress import CompressConfig
-from rankshrink.pipeline.methods import MethodConfig, compress_method
+from rankshrink.pipeline.compress import compress
+from rankshrink.pipeline.config import CompressConfig, MethodConfig
 from rankshrink.pipeline.threads import (
     FLOPS_PER_THREAD,
     SMALL_STEP_FLOPS,
@@ -67,13 +67,14 @@ def test_big_steps_get_a_thread_per_share_of_work_up_to_the_cores() -> None:
 
 @pytest.mark.parametrize("model", [MODEL, TRANSFORMER], ids=["mlp", "transformer"])
 def test_the_bundled_samples_are_small(model: Path) -> None:
-    from rankshrink.pipeline.compress import load_inputs
+    from rankshrink.pipeline.subject import load_subject
 
-    loaded, data, _ = load_inputs(model, DATA, None, False, 0)
-    flops = step_flops(loaded.model, data.x_train[:1], TrainConfig().batch_size)
+    subject = load_subject(model, DATA, None, False, 0)
+    one = subject.data.x_train[:1]
+    flops = step_flops(subject.model, one, TrainConfig().batch_size)
     assert flops < SMALL_STEP_FLOPS
-    assert choose_threads(None, loaded.model, data.x_train[:1], 128) == 1
-    assert choose_threads(0, loaded.model, data.x_train[:1], 128) == 1
+    assert choose_threads(None, subject.model, one, 128) == 1
+    assert choose_threads(0, subject.model, one, 128) == 1
 
 
 def test_an_explicit_count_overrides_the_policy() -> None:
@@ -127,14 +128,13 @@ def test_every_stage_runs_on_the_decided_count(
     cfg = CompressConfig(
         model=MODEL,
         data=DATA,
+        method=MethodConfig(method, refit_steps=2 if method == "layer-sparsity" else None),
         train=TrainConfig(steps=3, seed=0),
         measure_latency=False,
         threads=threads,
     )
-    mcfg = MethodConfig(method, refit_steps=2 if method == "layer-sparsity" else None)
-    result = compress_method(
+    result = compress(
         cfg,
-        mcfg,
         progress=lambda _stats: seen.append(("step", torch.get_num_threads())),
         stage=lambda msg: seen.append((msg, torch.get_num_threads())),
     )

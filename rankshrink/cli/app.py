@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -30,7 +29,9 @@ from rankshrink import __version__
 from rankshrink.errors import GateError, InputError, RankshrinkError
 from rankshrink.io.outputs import check_outputs, write_all
 from rankshrink.onnx.export import ExportConfig
-from rankshrink.onnx.verify import Tolerances
+from rankshrink.onnx.gates import Tolerances
+from rankshrink.pipeline.config import require as _require
+from rankshrink.pipeline.methods import METHODS, check_settings
 from rankshrink.train.rare_loop import StepStats, TrainConfig
 
 # click's UsageError (typer vendors click and exports only this subclass of it)
@@ -69,13 +70,32 @@ app = typer.Typer(
 )
 
 
-class Method(StrEnum):
-    rare = "rare"
-    svd = "svd"
-    rmt_svd = "rmt-svd"
-    layer_sparsity = "layer-sparsity"
-    rare_rmt_svd = "rare+rmt-svd"
-    layer_sparsity_rmt_svd = "layer-sparsity+rmt-svd"
+#: --method's choices: the registry's names (rankshrink.pipeline.methods.METHODS)
+Method = StrEnum("Method", {name.replace("-", "_").replace("+", "_"): name for name in METHODS})  # type: ignore[misc]
+
+#: compress's method-setting options, by the MethodConfig field each sets
+_METHOD_OPTIONS = {
+    "budget": "budget",
+    "rank": "rank",
+    "tw_margin": "tw_margin",
+    "min_rank": "min_rank",
+    "min_energy": "min_energy",
+    "lambda_sparsity": "lam",
+    "refit_steps": "refit_steps",
+}
+
+
+def _given(ctx: typer.Context, names: dict[str, str]) -> set[str]:
+    """The fields whose options were given on the command line (or in the environment): click
+    knows, so no default is written twice to guess it."""
+    # typer bundles its own click: compare the source's name, not the enum of another copy
+    given = ("COMMANDLINE", "ENVIRONMENT")
+    sources = {param: ctx.get_parameter_source(param) for param in names}
+    return {
+        field
+        for param, field in names.items()
+        if sources[param] is not None and sources[param].name in given
+    }
 
 
 class AxisPolicy(StrEnum):
@@ -234,11 +254,6 @@ def _width() -> int | None:
     return None if sys.stdout.isatty() else WIDTH
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise InputError(message)
-
-
 def _tolerances(
     task: TaskKind,
     max_accuracy_drop: float | None,
@@ -264,13 +279,6 @@ def _tolerances(
     return tol
 
 
-def _require_finite(**flags: float | None) -> None:
-    """Reject nan/inf numeric flags: a NaN gate never fails and an inf rate diverges at step 1."""
-    for name, value in flags.items():
-        if value is not None and not math.isfinite(value):
-            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-
-
 #: --threads of compress and compare: one meaning for both (rankshrink.pipeline.threads).
 _THREADS_HELP = (
     "Intra-op threads; 0: the thread policy (one for small training steps, more for big ones;"
@@ -280,6 +288,7 @@ _THREADS_HELP = (
 
 @app.command(cls=_Command)
 def compress(
+    ctx: typer.Context,
     model: Annotated[
         str,
         typer.Argument(
@@ -424,14 +433,14 @@ def compress(
 ) -> None:
     """Compress (RaRe + live fusion by default; or svd, rmt-svd, layer-sparsity, or a structural
     method followed by RMT-SVD on what it left), export a smaller ONNX and verify it."""
-    from rankshrink.pipeline.compress import CompressConfig
-    from rankshrink.pipeline.methods import compress_method
+    from rankshrink.pipeline.compress import compress as run_compress
+    from rankshrink.pipeline.config import CompressConfig, MethodConfig, require_finite
 
     console = _console(quiet)
     err = _err_console()
     with _errors(err) as run:
         _require(not (data and text), "give --data or --text, not both")
-        if text:  # the Hugging Face pipeline tokenizes a .txt data file (rankshrink.pipeline.hf_compress)
+        if text:  # the Hugging Face adapter tokenizes a .txt data file (rankshrink.io.token_data)
             _require(Path(model).is_dir(), "--text needs a Hugging Face model folder")
             _require(text.endswith(".txt"), f"--text must name a .txt file, got {text}")
             data = text
@@ -439,15 +448,7 @@ def compress(
             bool(data),
             "compress needs --data FILE (inputs x, optional labels y) to fine-tune and verify",
         )
-        _require_finite(
-            lr=lr,
-            lambda_rank=lambda_rank,
-            lambda_l2=lambda_l2,
-            tau_cos=tau_cos,
-            tau_euc=tau_euc,
-            target_ratio=target_ratio,
-            export_atol=export_atol,
-        )
+        require_finite(export_atol=export_atol)
         tolerances = _tolerances(
             task,
             max_accuracy_drop,
@@ -457,67 +458,47 @@ def compress(
             max_rel_error,
             export_atol=export_atol,
         )
-        _require(steps > 0, f"--steps must be positive, got {steps}")
-        _require(threads >= 0, f"--threads must be ≥ 0 (0: the thread policy), got {threads}")
-        _require_finite(
+        check_settings(method.value, _given(ctx, _METHOD_OPTIONS))
+        mcfg = MethodConfig(
+            method=method.value,
             budget=budget,
+            rank=rank,
             tw_margin=tw_margin,
+            min_rank=min_rank,
             min_energy=min_energy,
-            lambda_sparsity=lambda_sparsity,
-        )
-        mcfg = _method_config(
-            method,
-            budget,
-            rank,
-            tw_margin,
-            min_rank,
-            min_energy,
-            lambda_sparsity,
-            refit_steps,
-            save_pt,
+            lam=lambda_sparsity,
+            refit_steps=refit_steps,
         )
         if plot:
             from rankshrink.cli.plots import require_matplotlib
 
             require_matplotlib()
             _require(plot.endswith(".png"), f"--plot must end in .png, got {plot}")
-        _require(batch_size > 0, f"--batch-size must be positive, got {batch_size}")
-        _require(lr > 0, f"--lr must be positive, got {lr}")
-        _require(lambda_rank >= 0 and lambda_l2 >= 0, "--lambda-rank and --lambda-l2 must be ≥ 0")
-        _require(0 < tau_cos <= 1, f"--tau-cos must be in (0, 1], got {tau_cos}")
-        _require(tau_euc > 0, f"--tau-euc must be positive, got {tau_euc}")
+        train = TrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            lambda_rank=lambda_rank,
+            lambda_l2=lambda_l2,
+            tau_cos=tau_cos,
+            tau_euc=tau_euc,
+            fusion=not no_fusion,
+            distill=distill,
+            target_ratio=None if no_target or no_fusion else target_ratio or 0.6,
+            seed=seed,
+        )
         _require(
             target_ratio is None or 0 < target_ratio < 1,
             f"--target-ratio must be in (0, 1), got {target_ratio}",
         )
-        _require(export_atol > 0, f"--export-atol must be positive, got {export_atol}")
-        _require(max_bytes is None or max_bytes > 0, "--max-bytes must be positive")
-        _require(7 <= opset <= 23, f"--opset must be between 7 and 23, got {opset}")
         model_path, data_path = Path(model), Path(data)
-        out_path = Path(out) if out else Path.cwd() / f"{model_path.stem}.rankshrink.onnx"
-        _require(out_path.suffix == ".onnx", f"--out must end in .onnx, got {out_path}")
-        report_path = Path(report) if report else out_path.with_suffix(".json")
-        outputs = [out_path, report_path] + [Path(p) for p in (save_pt, plot) if p]
-        check_outputs(outputs, [model_path, data_path], overwrite)
-
-        cfg = CompressConfig(
+        cfg = CompressConfig(  # checks every setting's range
             model=model_path,
             data=data_path,
+            method=mcfg,
             arch=arch,
             trust_pickle=trust_pickle,
-            train=TrainConfig(
-                steps=steps,
-                batch_size=batch_size,
-                lr=lr,
-                lambda_rank=lambda_rank,
-                lambda_l2=lambda_l2,
-                tau_cos=tau_cos,
-                tau_euc=tau_euc,
-                fusion=not no_fusion,
-                distill=distill,
-                target_ratio=None if no_target or no_fusion else target_ratio or 0.6,
-                seed=seed,
-            ),
+            train=train,
             frobenius=not no_frobenius,
             axis_policy=axis_policy.value,
             export=ExportConfig(exporter=exporter.value, opset=opset),
@@ -526,11 +507,18 @@ def compress(
             threads=threads or None,
             # no --target-ratio: the pipeline picks the model family's default
             auto_target=target_ratio is None and not (no_target or no_fusion),
+            checkpoint=bool(save_pt),
         )
+        out_path = Path(out) if out else Path.cwd() / f"{model_path.stem}.rankshrink.onnx"
+        _require(out_path.suffix == ".onnx", f"--out must end in .onnx, got {out_path}")
+        report_path = Path(report) if report else out_path.with_suffix(".json")
+        outputs = [out_path, report_path] + [Path(p) for p in (save_pt, plot) if p]
+        check_outputs(outputs, [model_path, data_path], overwrite)
+
         result = _run_with_progress(
             console,
             quiet or method != Method.rare,  # the other methods report phases, not steps
-            lambda progress, stage: compress_method(cfg, mcfg, progress, stage),
+            lambda progress, stage: run_compress(cfg, progress, stage),
             steps,
             stages=not quiet,
         )
@@ -557,67 +545,6 @@ def compress(
             f"wrote {out_path} ({rep['onnx_bytes_after']:,} bytes) and {report_path}"
             + "".join(f" and {p}" for p in (save_pt, plot) if p)
         )
-
-
-def _method_config(
-    method: Method,
-    budget: float | None,
-    rank: int | None,
-    tw_margin: float,
-    min_rank: int,
-    min_energy: float,
-    lambda_sparsity: float,
-    refit_steps: int | None,
-    save_pt: str | None,
-) -> Any:
-    """Check the method-specific flags against ``--method``; return the MethodConfig."""
-    from rankshrink.pipeline.methods import MethodConfig
-
-    given = {
-        "--budget": budget is not None,
-        "--rank": rank is not None,
-        "--tw-margin": tw_margin != 0.0,
-        "--min-rank": min_rank != 1,
-        "--min-energy": min_energy != 0.5,
-        "--lambda-sparsity": lambda_sparsity != 0.1,
-        "--refit-steps": refit_steps is not None,
-    }
-    allowed = {
-        Method.rare: set(),
-        Method.svd: {"--budget", "--rank", "--min-rank"},
-        Method.rmt_svd: {"--tw-margin", "--min-rank", "--min-energy"},
-        Method.layer_sparsity: {"--lambda-sparsity", "--refit-steps"},
-        Method.rare_rmt_svd: {"--tw-margin", "--min-rank", "--min-energy", "--refit-steps"},
-        Method.layer_sparsity_rmt_svd: {
-            "--lambda-sparsity",
-            "--tw-margin",
-            "--min-rank",
-            "--min-energy",
-            "--refit-steps",
-        },
-    }[method]
-    extra = [flag for flag, on in given.items() if on and flag not in allowed]
-    verb = "does" if len(extra) == 1 else "do"
-    _require(not extra, f"{', '.join(extra)} {verb} not apply to --method {method.value}")
-    _require(budget is None or 0 < budget <= 1, f"--budget must be in (0, 1], got {budget}")
-    _require(budget is None or rank is None, "give --budget or --rank, not both")
-    _require(rank is None or rank > 0, f"--rank must be positive, got {rank}")
-    _require(min_rank > 0, f"--min-rank must be positive, got {min_rank}")
-    _require(tw_margin >= 0, f"--tw-margin must be ≥ 0, got {tw_margin}")
-    _require(0 <= min_energy < 1, f"--min-energy must be in [0, 1), got {min_energy}")
-    _require(lambda_sparsity > 0, f"--lambda-sparsity must be positive, got {lambda_sparsity}")
-    _require(refit_steps is None or refit_steps >= 0, "--refit-steps must be ≥ 0")
-    return MethodConfig(
-        method=method.value,
-        budget=0.5 if budget is None and rank is None else budget,
-        rank=rank,
-        tw_margin=tw_margin,
-        min_rank=min_rank,
-        min_energy=min_energy,
-        lam=lambda_sparsity,
-        refit_steps=refit_steps,
-        checkpoint=bool(save_pt),
-    )
 
 
 def _run_with_progress(
@@ -670,7 +597,10 @@ def _print_result(console: Console, rep: dict[str, Any]) -> None:
 @app.command(cls=_Command)
 def verify(
     model: Annotated[
-        str, typer.Argument(help="The original checkpoint, or a Hugging Face folder.")
+        str,
+        typer.Argument(
+            help="The original checkpoint, a Hugging Face folder, or a --save-pt output."
+        ),
     ],
     onnx_file: Annotated[
         str, typer.Argument(metavar="OUT.onnx", help="An exported (compressed) ONNX file.")
@@ -694,10 +624,8 @@ def verify(
     """Re-check an exported ONNX file against its original model on held-out data: first that
     the file belongs to the model, then fidelity and the quality gates (exit 3 if any fails)."""
     from rankshrink.cli.render import verdict_line, verification_table
-    from rankshrink.onnx.gates import model_task
-    from rankshrink.onnx.verify import verify_export
-    from rankshrink.pipeline.compress import load_inputs
     from rankshrink.pipeline.report import verification_dict
+    from rankshrink.pipeline.verify_file import verify_file
 
     console, err = _console(), _err_console()
     with _errors(err):
@@ -707,17 +635,9 @@ def verify(
         )
         onnx_path = Path(onnx_file)
         _require(onnx_path.is_file(), f"ONNX file not found: {onnx_path}")
-        if Path(model).is_dir():  # a Hugging Face folder: token data, two lengths and batches
-            from rankshrink.pipeline.verify_file import verify_folder
-
-            args = (Path(model), onnx_path, Path(data), tol, seed, arch, trust_pickle)
-            result, checks = verify_folder(*args)
-            payload = verification_dict(result, **checks.as_dict())
-        else:
-            loaded, ds, _ = load_inputs(Path(model), Path(data), arch, trust_pickle, seed)
-            kind = model_task(loaded.model, ds.x_test, tol, ds.has_labels)
-            result = verify_export(loaded.model, None, onnx_path, ds.x_test, ds.y_test, tol, kind)
-            payload = verification_dict(result)
+        args = (Path(model), onnx_path, Path(data), tol, seed, arch, trust_pickle)
+        result = verify_file(*args)
+        payload = verification_dict(result)
         if json_out:
             console.print_json(json.dumps(payload))
             if not result.passed:  # the JSON is on stdout; the reason, in one line, on stderr

@@ -50,7 +50,7 @@ class LayerFold:
 class FoldResult:
     """The folded model and a per-layer account."""
 
-    model: nn.Sequential
+    model: nn.Module  # an nn.Sequential, or a GraphModule of folded chains (fold.graph_fold)
     layers: list[LayerFold]
 
 

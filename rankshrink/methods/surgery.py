@@ -43,7 +43,7 @@ class LayerPolicy:
 class FactorizedChain:
     """A chain whose Linear layers are factorized, with their fusion policies."""
 
-    model: nn.Sequential
+    model: nn.Module  # the flat chain, or a GraphModule of chains (methods.graph_surgery)
     layers: list[FactorizedLinear]
     policies: list[LayerPolicy]
 

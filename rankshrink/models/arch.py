@@ -70,6 +70,13 @@ def layer_spec(module: nn.Module) -> dict[str, Any]:
     for kind, cls in _ACTIVATIONS.items():
         if type(module) is cls:
             return {"kind": kind}
+    if isinstance(module, nn.ELU):
+        return {"kind": "elu", "alpha": float(module.alpha)}
+    if isinstance(module, nn.Softplus):
+        return {"kind": "softplus", "beta": float(module.beta), "threshold": float(module.threshold)}
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+        kind = "softmax" if isinstance(module, nn.Softmax) else "log_softmax"
+        return {"kind": kind, "dim": module.dim}
     if isinstance(module, nn.Dropout):
         return {"kind": "dropout", "p": float(module.p)}
     if isinstance(module, nn.BatchNorm1d):
@@ -105,6 +112,15 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
             return nn.GELU(approximate=str(spec.get("approximate", "none")))
         if kind in _ACTIVATIONS:
             return _ACTIVATIONS[kind]()
+        if kind == "elu":
+            return nn.ELU(float(spec.get("alpha", 1.0)))
+        if kind == "softplus":
+            return nn.Softplus(float(spec.get("beta", 1.0)), float(spec.get("threshold", 20.0)))
+        if kind in ("softmax", "log_softmax"):
+            dim = spec.get("dim")
+            if dim is not None and (not isinstance(dim, int) or isinstance(dim, bool)):
+                raise InputError(f"{kind} dim must be an integer or null, got {dim!r:.40}")
+            return nn.Softmax(dim) if kind == "softmax" else nn.LogSoftmax(dim)
         if kind == "dropout":
             p = float(spec.get("p", 0.5))
             if not 0.0 <= p < 1.0:

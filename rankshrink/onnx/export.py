@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from rankshrink.errors import RankshrinkError, UnsupportedModelError
+from rankshrink.models.io_spec import FEATURES, ModelIO
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -42,42 +43,61 @@ class ExportConfig:
     opset: int = 18
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, cfg: ExportConfig) -> int:
-    """Export ``model`` (eval mode) to ``path`` with a dynamic batch axis; return the file's bytes.
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    cfg: ExportConfig,
+    io: ModelIO = FEATURES,
+) -> int:
+    """Export ``model`` (eval mode) to ``path`` with ``io``'s names and dynamic axes; return the
+    file's bytes.
+
+    Args:
+        model: takes ``x`` as the training loop feeds it (``io.exported`` picks the module the
+            file computes: a token encoder's three-input forward).
+        example: a few samples of ``x``; a batch of 1 is repeated (torch.export specializes a
+            size of 1 to a constant), so is a token length of 1 impossible (≥ 2 required).
 
     Raises:
         ExportError: the exporter failed or the checker rejected the result.
     """
     if cfg.exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {cfg.exporter!r}")
-    model = model.eval()
-    if example.shape[0] < 2:  # torch.export specializes a batch of 1 to a constant
+    module = io.exported(model).eval()
+    if example.shape[0] < 2:
         example = example.repeat(2, *([1] * (example.dim() - 1)))
+    args = io.args(example)
+    axes = io.dynamic_axes()
     try:
-        with _quiet():
+        with _quiet(), torch.no_grad():
             if cfg.exporter == "dynamo":
+                dims = {i: torch.export.Dim(name) for i, name in axes.items()}
                 program = torch.onnx.export(
-                    model,
-                    (example,),
+                    module,
+                    args,
                     dynamo=True,
                     opset_version=cfg.opset,
-                    input_names=["x"],
-                    output_names=["y"],
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    input_names=list(io.inputs),
+                    output_names=[io.output],
+                    dynamic_shapes=tuple(dims for _ in io.inputs),
                     verbose=False,
                     optimize=True,
                 )
                 program.save(str(path))
             else:
+                dynamic = {name: axes for name in io.inputs}
+                # a hidden state keeps the sequence axis; logits and features have batch only
+                dynamic[io.output] = axes if io.output == "last_hidden_state" else {0: "batch"}
                 torch.onnx.export(
-                    model,
-                    (example,),
+                    module,
+                    args,
                     str(path),
                     dynamo=False,
                     opset_version=cfg.opset,
-                    input_names=["x"],
-                    output_names=["y"],
-                    dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+                    input_names=list(io.inputs),
+                    output_names=[io.output],
+                    dynamic_axes=dynamic,
                 )
     except Exception as exc:  # the exporters raise many unrelated types
         raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_first(exc)}") from None

@@ -1,135 +1,22 @@
-"""The ONNX boundary for token encoders: export with dynamic batch and sequence axes, and run.
+"""What verification does differently for token encoders: a second sequence length, padding, and
+comparing hidden states by the cosine of their mask-mean pooling.
 
 An encoder takes ``input_ids``, ``attention_mask`` and ``token_type_ids`` (int64, (B, T)) and
-returns ``last_hidden_state`` (B, T, C) or ``logits`` (B, classes). The inputs travel stacked as
-one (B, 3, T) tensor; :func:`shorter` and :func:`padded` make the second sequence length and the
-padded copy that verification (:mod:`rankshrink.onnx.verify_tokens`) checks at.
+returns ``last_hidden_state`` (B, T, C) or ``logits`` (B, classes); they travel stacked as one
+(B, 3, T) tensor. :func:`shorter` and :func:`padded` make the second sequence length and the
+padded copy that :func:`rankshrink.onnx.verify.verify_export` checks at.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from pathlib import Path
-
 import numpy as np
-import onnxruntime as ort
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from rankshrink.errors import InputError
-from rankshrink.onnx.export import (
-    EXPORTERS,
-    ExportConfig,
-    ExportError,
-    _first,
-    _quiet,
-    _strip_metadata,
-    check_onnx,
-    onnx_size,
-    refuse_external_data,
-)
-from rankshrink.onnx.verify import session
+from rankshrink.nn.token_encoder import TokenEncoder
+from rankshrink.onnx.gates import Task, Tolerances, resolve_task
 
-__all__ = [
-    "INPUTS",
-    "export_tokens",
-    "padded",
-    "run_tokens",
-    "session",
-    "shorter",
-    "token_latency_ms",
-]
-
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PAD_TOKENS = 3  # appended by the padding check
-
-
-def export_tokens(
-    encoder: nn.Module, example: Tensor, path: Path, cfg: ExportConfig, output_name: str
-) -> int:
-    """Export ``encoder`` with dynamic batch and sequence axes; return the file's bytes.
-
-    Args:
-        example: (B, 3, T) stacked ids, mask, types; B ≥ 2 and T ≥ 2 (torch.export specializes
-            a size of 1 to a constant).
-
-    Raises:
-        ExportError: the exporter failed or the checker rejected the result.
-    """
-    if cfg.exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {cfg.exporter!r}")
-    encoder = encoder.eval()
-    if example.shape[0] < 2:
-        example = example.repeat(2, 1, 1)
-    args = tuple(example[:, i].contiguous() for i in range(3))
-    axes = {0: "batch", 1: "sequence"}
-    try:
-        with _quiet(), torch.no_grad():
-            if cfg.exporter == "dynamo":
-                batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-                program = torch.onnx.export(
-                    encoder,
-                    args,
-                    dynamo=True,
-                    opset_version=cfg.opset,
-                    input_names=list(INPUTS),
-                    output_names=[output_name],
-                    dynamic_shapes=tuple({0: batch, 1: seq} for _ in INPUTS),
-                    verbose=False,
-                    optimize=True,
-                )
-                program.save(str(path))
-            else:
-                dynamic = {name: axes for name in INPUTS}
-                dynamic[output_name] = axes if output_name == "last_hidden_state" else {0: "batch"}
-                torch.onnx.export(
-                    encoder,
-                    args,
-                    str(path),
-                    dynamo=False,
-                    opset_version=cfg.opset,
-                    input_names=list(INPUTS),
-                    output_names=[output_name],
-                    dynamic_axes=dynamic,
-                )
-    except Exception as exc:  # the exporters raise many unrelated types
-        raise ExportError(f"ONNX export ({cfg.exporter}) failed: {_first(exc)}") from None
-    refuse_external_data(path)
-    _strip_metadata(path)
-    check_onnx(path)
-    return onnx_size(path)
-
-
-def run_tokens(sess: ort.InferenceSession, x: Tensor) -> np.ndarray:
-    """Run a token model's first output on stacked (B, 3, T) inputs.
-
-    Raises:
-        InputError: onnxruntime rejects the inputs or fails while running the graph.
-    """
-    names = [i.name for i in sess.get_inputs()]
-    if sorted(names) != sorted(INPUTS):
-        raise InputError(f"the ONNX model's inputs are {names}; expected {list(INPUTS)}")
-    feed = {name: x[:, INPUTS.index(name)].numpy().astype(np.int64) for name in names}
-    try:
-        return sess.run(None, feed)[0]
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-        raise InputError(
-            f"onnxruntime cannot run the model on tokens of shape {tuple(x[:, 0].shape)}"
-            f" ({str(exc).splitlines()[0][:200]})"
-        ) from None
-
-
-def token_latency_ms(sess: ort.InferenceSession, x: Tensor, repeats: int = 30) -> float:
-    """Median wall time of one run on stacked tokens ``x``, in milliseconds (after a warm-up)."""
-    for _ in range(3):
-        run_tokens(sess, x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run_tokens(sess, x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def shorter(x: Tensor) -> Tensor:
@@ -147,3 +34,34 @@ def padded(x: Tensor, extra: int = PAD_TOKENS, pad_id: int = 0) -> Tensor:
     pad = torch.zeros(*x.shape[:2], extra, dtype=x.dtype)
     pad[:, 0] = pad_id
     return torch.cat([x, pad], dim=-1)
+
+
+def pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mask-mean pooling of (B, T, C) hidden states over the unpadded tokens → (B, C)."""
+    m = mask[..., None].astype(np.float64)
+    return (hidden.astype(np.float64) * m).sum(1) / np.maximum(m.sum(1), 1.0)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (B, C) arrays."""
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-30)
+
+
+def unpadded(out: np.ndarray, x: Tensor, hidden: bool) -> np.ndarray:
+    """Hidden states at unpadded positions only (what a reader of the output uses); any other
+    output as it is."""
+    return out[x[:, 1].numpy().astype(bool)] if hidden else out
+
+
+def encoder_task(encoder: TokenEncoder, tol: Tolerances, has_labels: bool) -> Task:
+    """The task kind of a folder's model: ``hidden`` for a base model, else by its classes
+    (see :func:`rankshrink.onnx.gates.resolve_task`).
+
+    Raises:
+        InputError: ``--task`` or a gate flag does not fit the model.
+    """
+    cfg = encoder.config
+    base = cfg.kind == "base"
+    return resolve_task(cfg.hidden_size if base else cfg.classes, tol, has_labels, hidden=base)

@@ -24,9 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from rankshrink.errors import GateError, UnsupportedModelError
-from rankshrink.onnx.verify import latency_ms, session
-from rankshrink.pipeline.compress import CompressConfig
-from rankshrink.pipeline.methods import MethodConfig, compress_method
+from rankshrink.onnx.export import ExportConfig, export_onnx
+from rankshrink.onnx.session import latency_ms, session
+from rankshrink.pipeline.compress import compress_subject
+from rankshrink.pipeline.config import CompressConfig, MethodConfig
+from rankshrink.pipeline.methods import METHODS
+from rankshrink.pipeline.subject import Subject, load_subject
+from rankshrink.pipeline.threads import choose_threads, intra_op_threads
 from rankshrink.train.rare_loop import TrainConfig
 
 #: The methods run when none are named (every method, but combinations only where they helped).
@@ -65,16 +69,15 @@ class Comparison:
 def _runs(cfg: CompareConfig) -> list[tuple[str, float | None, MethodConfig, TrainConfig]]:
     base = TrainConfig(steps=cfg.steps, seed=cfg.seed)
     runs: list[tuple[str, float | None, MethodConfig, TrainConfig]] = []
-    for method in cfg.methods:
-        if method == "rare":
+    for name in cfg.methods:
+        if not METHODS[name].budgeted:
+            runs.append((name, None, MethodConfig(name), base))
+        elif name == "svd":
+            runs += [(name, b, MethodConfig(name, budget=b), base) for b in cfg.budgets]
+        else:  # RaRe aims its export size at the budget
             runs += [
-                (method, b, MethodConfig("rare"), replace(base, target_ratio=b))
-                for b in cfg.budgets
+                (name, b, MethodConfig(name), replace(base, target_ratio=b)) for b in cfg.budgets
             ]
-        elif method == "svd":
-            runs += [(method, b, MethodConfig("svd", budget=b), base) for b in cfg.budgets]
-        else:
-            runs.append((method, None, MethodConfig(method), base))
     return runs
 
 
@@ -87,27 +90,43 @@ def compare(cfg: CompareConfig, on_run: Callable[[str], None] | None = None) -> 
     Raises:
         InputError: bad model, data or settings (the first run finds them).
     """
+    runs = _runs(cfg)
+    subject = load_subject(Path(cfg.model), Path(cfg.data), cfg.arch, cfg.trust_pickle, cfg.seed)
+    one = subject.data.x_train[:1]
+    threads = choose_threads(cfg.threads, subject.model, one, runs[0][3].batch_size)
+    with intra_op_threads(threads):
+        return _compare(cfg, subject, runs, threads, on_run)
+
+
+def _compare(
+    cfg: CompareConfig,
+    subject: Subject,
+    runs: list[tuple[str, float | None, MethodConfig, TrainConfig]],
+    threads: int,
+    on_run: Callable[[str], None] | None,
+) -> Comparison:
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     original: dict[str, Any] | None = None
-    for method, budget, mcfg, train in _runs(cfg):
+    for method, budget, mcfg, train in runs:
         label = method if budget is None else f"{method} budget {budget:g}"
         if on_run:
             on_run(label)
         ccfg = CompressConfig(
             model=cfg.model,
             data=cfg.data,
+            method=mcfg,
             arch=cfg.arch,
             trust_pickle=cfg.trust_pickle,
             train=train,
             measure_latency=False,  # measured below, at every batch size, for every file
-            threads=cfg.threads,
+            threads=threads,
             # RaRe inside a combination aims at the family's default target, as compress does
             auto_target=method == "rare+rmt-svd",
         )
         start = time.perf_counter()
         try:
-            result = compress_method(ccfg, mcfg)
+            result = compress_subject(subject, ccfg)
         except UnsupportedModelError as exc:
             skipped.append({"method": method, "reason": str(exc)})
             continue
@@ -118,7 +137,7 @@ def compare(cfg: CompareConfig, on_run: Callable[[str], None] | None = None) -> 
         rep = result.report
         ver = rep["verification"]
         if original is None:
-            original = _original_row(cfg, rep)
+            original = _original_row(subject, rep)
             rows.insert(0, original)
         rows.append(
             {
@@ -132,7 +151,7 @@ def compare(cfg: CompareConfig, on_run: Callable[[str], None] | None = None) -> 
                 "agreement": ver["agreement"],
                 "max_abs_diff": ver["max_abs_diff"],
                 "samples": ver["samples"],  # held-out samples: one of them is 100/n points
-                **_latencies(result.onnx, cfg),
+                **_latencies(result.onnx, subject),
                 "seconds": seconds,
                 "passed": ver["passed"],
             }
@@ -140,14 +159,11 @@ def compare(cfg: CompareConfig, on_run: Callable[[str], None] | None = None) -> 
     return Comparison(rows, skipped)
 
 
-def _original_row(cfg: CompareConfig, rep: dict[str, Any]) -> dict[str, Any]:
-    from rankshrink.onnx.export import ExportConfig, export_onnx
-    from rankshrink.pipeline.compress import load_inputs
-
-    loaded, data, _ = load_inputs(cfg.model, cfg.data, cfg.arch, cfg.trust_pickle, cfg.seed)
+def _original_row(subject: Subject, rep: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rankshrink-") as tmp:
         path = Path(tmp, "original.onnx")
-        export_onnx(loaded.model.eval(), data.x_train[:4], path, ExportConfig())
+        example = subject.data.x_train[:4]
+        export_onnx(subject.model, example, path, ExportConfig(), subject.io)
         blob = path.read_bytes()
     ver = rep["verification"]
     return {
@@ -161,16 +177,14 @@ def _original_row(cfg: CompareConfig, rep: dict[str, Any]) -> dict[str, Any]:
         "agreement": 1.0 if ver["agreement"] is not None else None,
         "max_abs_diff": 0.0,
         "samples": ver["samples"],
-        **_latencies(blob, cfg),
+        **_latencies(blob, subject),
         "seconds": 0.0,
         "passed": True,
     }
 
 
-def _latencies(onnx: bytes, cfg: CompareConfig) -> dict[str, float]:
-    from rankshrink.io.data import load_data
-
-    x = load_data(cfg.data, seed=cfg.seed).x_test
+def _latencies(onnx: bytes, subject: Subject) -> dict[str, float]:
+    x = subject.data.x_test
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="rankshrink-") as tmp:
         path = Path(tmp, "m.onnx")
@@ -180,5 +194,5 @@ def _latencies(onnx: bytes, cfg: CompareConfig) -> dict[str, float]:
             xb = x[:batch]
             if len(xb) < batch:  # a small test split: repeat it up to the batch size
                 xb = x.repeat((batch + len(x) - 1) // len(x), *[1] * (x.dim() - 1))[:batch]
-            out[f"latency_ms_b{batch}"] = latency_ms(sess, xb, repeats=20)
+            out[f"latency_ms_b{batch}"] = latency_ms(sess, xb, repeats=20, io=subject.io)
     return out

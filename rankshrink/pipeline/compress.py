@@ -1,83 +1,36 @@
-"""``compress``: load → factorize → fine-tune with RaRe and live fusion → fold → export → verify.
+"""``compress``: load → adapt → the method's stages → export → verify → report, for every model.
 
-This is the library entry point the CLI calls. It writes nothing to the user's directories: the
-ONNX bytes, the report and the compressed checkpoint come back in a :class:`CompressResult`, and
-the caller writes them (atomically) once the gates have been decided.
+This is the library entry point (``from rankshrink import compress``) and the one path the CLI,
+``compare`` and the benchmarks call. It writes nothing to the user's directories: the ONNX bytes,
+the report and the compressed checkpoint come back in a :class:`CompressResult`, and the caller
+writes them (atomically) once the gates have been decided.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import nn
 
 from rankshrink import __version__
-from rankshrink.fold.chain_fold import FoldResult, export_bytes, fold
-from rankshrink.fold.transformer_fold import TransformerFold, fold_transformer
-from rankshrink.fold.transformer_fold import export_bytes as transformer_bytes
-from rankshrink.io.checkpoint import LoadedModel, load_model
-from rankshrink.io.data import Dataset, load_data
-from rankshrink.io.data_fit import check_fit
-from rankshrink.methods.surgery import FactorizedChain, factorize_
-from rankshrink.methods.transformer_surgery import factorize_transformer_
+from rankshrink.errors import UnsupportedModelError
 from rankshrink.models.arch import count_params, make_checkpoint
-from rankshrink.models.chain import prepare_chain
-from rankshrink.models.transformer_layout import is_transformer, transformer_layout
-from rankshrink.onnx.export import ExportConfig, check_single_file, export_onnx
-from rankshrink.onnx.gates import model_task, size_gates
-from rankshrink.onnx.verify import (
-    Tolerances,
-    Verification,
-    latency_ms,
-    session,
-    stamp_provenance,
-    verify_export,
-    with_gates,
-)
+from rankshrink.onnx.export import check_single_file, export_onnx
+from rankshrink.onnx.gates import size_gates
+from rankshrink.onnx.provenance import stamp_provenance
+from rankshrink.onnx.session import latency_ms, session
+from rankshrink.onnx.verify import Verification, verify_export, with_gates
+from rankshrink.pipeline.config import CompressConfig
+from rankshrink.pipeline.methods import method_dict, run_method, training_account
 from rankshrink.pipeline.report import build_report, verification_dict
+from rankshrink.pipeline.stages import Stage
+from rankshrink.pipeline.subject import Subject, load_subject
 from rankshrink.pipeline.threads import choose_threads, intra_op_threads
-from rankshrink.train.rare_loop import StepStats, TrainConfig, TrainReport, fine_tune_
-from rankshrink.train.recovery import RecoveryConfig, fine_tune_with_recovery_
-
-
-@dataclass
-class CompressConfig:
-    """Everything ``rankshrink compress`` can be told."""
-
-    model: Path
-    data: Path
-    arch: str | None = None
-    trust_pickle: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
-    frobenius: bool = True
-    axis_policy: str = "fold"
-    export: ExportConfig = field(default_factory=ExportConfig)
-    tolerances: Tolerances = field(default_factory=Tolerances)
-    max_bytes: int | None = None
-    measure_latency: bool = True
-    # --target-ratio was not given: use the model family's default (DEFAULT_TARGET_RATIO)
-    auto_target: bool = False
-    ffn_fusion: bool = False  # Transformers: also fuse FFN axes (exported with index ops)
-    recovery: RecoveryConfig | None = None  # None: the model family's default (DEFAULT_RECOVERY)
-    # intra-op threads (--threads); None: the thread policy's count (rankshrink.pipeline.threads)
-    threads: int | None = None
-
-
-#: The export-size target per model family when none is given. A Transformer's residual stream,
-#: embeddings, LayerNorms and head never shrink, and its GELU FFN only through index ops, so the
-#: attention projections alone carry the reduction: a lower target would cut them too deep.
-DEFAULT_TARGET_RATIO = {"chain": 0.6, "transformer": 0.7}
-#: The plain recovery phase at the end of fine-tuning (see rankshrink.train.recovery) per family. On the
-#: sample MLP, without it the test accuracy of the default run moved between 96.67 and 98.33 % over
-#: seeds and with float-rounding-level changes to the RaRe gradient; with it, seeds 0-3 gave
-#: 97.22-97.78 % (original 97.78 %) at the same size.
-DEFAULT_RECOVERY = {"chain": RecoveryConfig(), "transformer": RecoveryConfig()}
+from rankshrink.train.rare_loop import StepStats, TrainReport
 
 
 @dataclass
@@ -86,21 +39,11 @@ class CompressResult:
 
     report: dict[str, Any]
     onnx: bytes
-    checkpoint: dict[str, Any]
-    fold: FoldResult | TransformerFold | None  # None: a method that folds nothing (methods.py)
+    checkpoint: dict[str, Any]  # empty unless CompressConfig.checkpoint
+    model: nn.Module  # the compressed model (takes x as the data holds it)
     verification: Verification
     training: TrainReport
     gate_failures: list[str]
-
-
-def load_inputs(
-    model_path: Path, data_path: Path, arch: str | None, trust_pickle: bool, seed: int
-) -> tuple[LoadedModel, Dataset, bool]:
-    """Load and cross-check a model and a data file; return them and whether it is a classifier."""
-    loaded = load_model(model_path, arch=arch, trust_pickle=trust_pickle)
-    data = load_data(data_path, seed=seed)
-    check_fit(loaded.model, data, data_path)  # input width, output shape, labels: one line each
-    return loaded, data, data.has_labels
 
 
 def compress(
@@ -108,200 +51,146 @@ def compress(
     progress: Callable[[StepStats], None] | None = None,
     stage: Callable[[str], None] | None = None,
 ) -> CompressResult:
-    """Run the whole pipeline of SPEC §1–4 on one model.
+    """Compress ``cfg.model`` with ``cfg.method`` (SPEC §1–6); nothing is written to disk.
+
+    Args:
+        progress: called after every RaRe fine-tuning step (the other stages report phases
+            through ``stage``).
+        stage: called with a short phase name ("loading", "fine-tuning", "exporting", …).
 
     Raises:
-        InputError: bad model or data (exit 2).
-        TrainingDivergedError, ExportError: the run could not produce a trustworthy model (exit 3).
+        InputError, UnsupportedModelError: bad model, data or settings, or a method that does
+            not apply to the model — before any fine-tuning (exit 2).
+        TrainingDivergedError, ExportError: no trustworthy model came out (exit 3).
     """
-    if Path(cfg.model).is_dir():  # a Hugging Face folder: token inputs, its own export/verify
-        from rankshrink.pipeline.hf_compress import compress_hf  # imports this module
-
-        return compress_hf(cfg, progress, stage)
     say = stage or (lambda _msg: None)
     say("loading")
-    loaded, data, _ = load_inputs(cfg.model, cfg.data, cfg.arch, cfg.trust_pickle, cfg.train.seed)
+    t = cfg.train
+    subject = load_subject(cfg.model, cfg.data, cfg.arch, cfg.trust_pickle, t.seed)
     # everything after loading computes on the thread policy's count (rankshrink.pipeline.threads)
-    threads = choose_threads(cfg.threads, loaded.model, data.x_train[:1], cfg.train.batch_size)
+    threads = choose_threads(cfg.threads, subject.model, subject.data.x_train[:1], t.batch_size)
     with intra_op_threads(threads):
-        return _compress_loaded(replace(cfg, threads=threads), loaded, data, progress, say)
+        return compress_subject(subject, replace(cfg, threads=threads), progress, say)
 
 
-def _compress_loaded(
+def compress_subject(
+    subject: Subject,
     cfg: CompressConfig,
-    loaded: LoadedModel,
-    data: Dataset,
-    progress: Callable[[StepStats], None] | None,
-    say: Callable[[str], None],
+    progress: Callable[[StepStats], None] | None = None,
+    say: Callable[[str], None] = lambda _msg: None,
 ) -> CompressResult:
-    """:func:`compress` once the inputs are loaded and ``cfg.threads`` is decided."""
-    original = loaded.model
+    """:func:`compress` on a loaded, adapted model (on the caller's thread count)."""
+    data, io = subject.data, subject.io
+    original = subject.model
     # what the model outputs decides its quality gates; a flag that does not fit fails here
-    task = model_task(original, data.x_test, cfg.tolerances, data.has_labels)
+    task = subject.task(cfg.tolerances)
     check_single_file(original)  # refuse before fine-tuning, not after
-    family = "transformer" if is_transformer(original) else "chain"
-    teacher = None
-    if not data.has_labels or cfg.train.distill:
-        with torch.no_grad():
-            teacher = original(data.x_train)
-    run = rare_stage(original, family, data, teacher, cfg, progress, say)
-    folded, training, train_cfg, recovery = run.folded, run.training, run.train_cfg, run.recovery
-    with torch.no_grad():
-        fold_diff = float((folded.model(data.x_test) - run.chain.model(data.x_test)).abs().max())
+    if cfg.checkpoint and subject.family == "graph":
+        raise UnsupportedModelError(
+            f"--save-pt writes a self-describing checkpoint of sequential models and encoders;"
+            f" {type(subject.loaded.model).__name__} is a traced module: deploy the ONNX file"
+        )
+    teacher = subject.teacher() if not data.has_labels or cfg.train.distill else None
+    result = run_method(subject, cfg, teacher, progress, say)
+    compressed = result.model.eval()
 
     say("exporting")
     example = data.x_train[: min(4, len(data.x_train))]
     with tempfile.TemporaryDirectory(prefix="rankshrink-") as tmp:
         before_path, after_path = Path(tmp, "original.onnx"), Path(tmp, "compressed.onnx")
-        bytes_before = export_onnx(original, example, before_path, cfg.export)
-        export_onnx(folded.model, example, after_path, cfg.export)
-        bytes_after = stamp_provenance(after_path, original, folded.model)  # verify reads it
+        bytes_before = export_onnx(original, example, before_path, cfg.export, io)
+        export_onnx(compressed, example, after_path, cfg.export, io)
+        # verify reads it: which weights the file came from, and its own
+        bytes_after = stamp_provenance(after_path, io.exported(original), io.exported(compressed))
         say("verifying")
         verification = verify_export(
-            original, folded.model, after_path, data.x_test, data.y_test, cfg.tolerances, task
+            original, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, task, io
         )
         lat_before = lat_after = None
         if cfg.measure_latency:
             one = data.x_test[:1]
-            lat_before = latency_ms(session(before_path), one)
-            lat_after = latency_ms(session(after_path), one)
+            lat_before = latency_ms(session(before_path), one, io=io)
+            lat_after = latency_ms(session(after_path), one, io=io)
         onnx_blob = after_path.read_bytes()
 
     verification = with_gates(verification, size_gates(bytes_before, bytes_after, cfg.max_bytes))
     failures = verification.failures
+    training = _training(result, bytes_after / bytes_before)
+    loaded = subject.loaded
+    tokens = {"tokens": int(data.x_train.shape[-1])} if io.tokens else None
+    folder = {k: loaded.meta[k] for k in ("architecture", "model_type")} if io.tokens else None
     report = build_report(
-        method="rare",
+        method=cfg.method.method,
         loaded=loaded,
         data_path=cfg.data,
         data=data,
-        family=family,
-        config=_config_dict(cfg, train_cfg, recovery),
-        params=(count_params(original), count_params(folded.model)),
+        family=subject.family,
+        config=_config_dict(cfg, result),
+        params=(count_params(io.exported(original)), count_params(io.exported(compressed))),
         onnx_bytes=(bytes_before, bytes_after),
-        layers=[_layer_dict(lf) for lf in folded.layers],
-        heads=folded.heads if isinstance(folded, TransformerFold) else None,
-        verification=verification_dict(verification, fold_diff),
+        layers=result.layers,
+        heads=result.heads,
+        extra={k: v for k, v in result.detail.items() if not _is_rare_only(cfg, k)},
+        verification=verification_dict(verification, result.fold_diff),
         training=training,
         latency_ms=(lat_before, lat_after),
         failures=failures,
+        input_extra=folder,
+        data_extra=tokens,
     )
-    meta = {
-        "compressed_by": f"rankshrink {__version__}",
-        "source_sha256": loaded.sha256,
-        "method": "rare",
-    }
+    checkpoint = {}
+    if cfg.checkpoint:
+        meta = {
+            "compressed_by": f"rankshrink {__version__}",
+            "source_sha256": loaded.sha256,
+            "method": cfg.method.method,
+        }
+        if io.tokens:
+            meta.update(architecture=loaded.meta["architecture"], output=io.output)
+        # the exported module itself: loads through load_model and computes what the ONNX does
+        checkpoint = make_checkpoint(io.exported(compressed), meta)
     return CompressResult(
         report=report,
         onnx=onnx_blob,
-        checkpoint=make_checkpoint(folded.model, meta),
-        fold=folded,
+        checkpoint=checkpoint,
+        model=compressed,
         verification=verification,
         training=training,
         gate_failures=failures,
     )
 
 
-@dataclass
-class RareRun:
-    """RaRe's fine-tuning and fold, before any export: what :func:`rare_stage` returns."""
-
-    chain: FactorizedChain  # the factorized model as trained
-    folded: FoldResult | TransformerFold  # its folded (exportable) form
-    training: TrainReport
-    train_cfg: TrainConfig  # the settings used (the family's target ratio filled in)
-    recovery: RecoveryConfig
+def _is_rare_only(cfg: CompressConfig, key: str) -> bool:
+    """RaRe alone records its settings in ``config``, not in a section of its own."""
+    return cfg.method.method == "rare" and key == "rare"
 
 
-def rare_stage(
-    original: torch.nn.Module,
-    family: str,
-    data: Dataset,
-    teacher: torch.Tensor | None,
-    cfg: CompressConfig,
-    progress: Callable[[StepStats], None] | None = None,
-    stage: Callable[[str], None] | None = None,
-) -> RareRun:
-    """Factorize a copy of ``original``, fine-tune it with RaRe and live fusion, and fold it.
-
-    The in-memory core of :func:`compress`, also the first stage of ``--method rare+rmt-svd``
-    (:mod:`rankshrink.pipeline.methods`). ``original`` is not changed. It computes on the caller's thread
-    count (:func:`rankshrink.pipeline.threads.intra_op_threads`).
-    """
-    say = stage or (lambda _msg: None)
-    train_cfg = cfg.train
-    if cfg.auto_target:
-        train_cfg = replace(train_cfg, target_ratio=DEFAULT_TARGET_RATIO[family])
-    recovery = cfg.recovery if cfg.recovery is not None else DEFAULT_RECOVERY[family]
-    chain, size_fn, fold_fn = _prepare(original, family, cfg)
-
-    say("fine-tuning")
-    training = fine_tune_with_recovery_(
-        chain,
-        data.x_train,
-        data.y_train,
-        teacher,
-        train_cfg,
-        recovery,
-        size_fn=size_fn,
-        progress=progress,
-        fine_tune=fine_tune_,
-    )
-
-    say("folding")
-    return RareRun(chain, fold_fn(), training, train_cfg, recovery)
+def _training(result: Stage, onnx_ratio: float) -> TrainReport:
+    """RaRe alone: its own account; stages: one account of all their phases."""
+    only = result.phases[0].report if len(result.phases) == 1 else None
+    if isinstance(only, TrainReport):
+        return only
+    return training_account(result.phases, onnx_ratio)
 
 
-def _prepare(
-    original: torch.nn.Module, family: str, cfg: CompressConfig
-) -> tuple[FactorizedChain, Callable[[], int], Callable[[], FoldResult | TransformerFold]]:
-    """Factorize a copy of ``original``; return it with its export-size and fold functions."""
-    if family == "transformer":
-        tchain = factorize_transformer_(
-            copy.deepcopy(original).eval(),
-            transformer_layout(original),
-            frobenius=cfg.frobenius,
-            axis_policy=cfg.axis_policy,
-            ffn_fusion=cfg.ffn_fusion,
-        )
-        return tchain, lambda: transformer_bytes(tchain), lambda: fold_transformer(tchain)
-    chain = factorize_(
-        prepare_chain(original), frobenius=cfg.frobenius, axis_policy=cfg.axis_policy
-    )
-    return chain, lambda: export_bytes(chain.model), lambda: fold(chain.model)
-
-
-def _layer_dict(lf: Any) -> dict[str, Any]:
-    return {
-        "name": lf.name,
-        "original_shape": list(lf.original_shape),
-        "core_shape": list(lf.core_shape),
-        "weight_shape": list(lf.weight_shape),
-        "feature_width": lf.feature_width,
-        "fold_kind": lf.kind,
-        "params": lf.params,
-        "original_params": lf.original_shape[0] * lf.original_shape[1] + lf.original_shape[0],
-    }
-
-
-def _config_dict(
-    cfg: CompressConfig, train_cfg: TrainConfig, recovery: RecoveryConfig
-) -> dict[str, Any]:
-    train = asdict(train_cfg)
-    return {
-        "train": {
-            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in train.items()
-        },
-        "frobenius": cfg.frobenius,
-        "axis_policy": cfg.axis_policy,
-        "ffn_fusion": cfg.ffn_fusion,
-        "recovery": asdict(recovery),
-        "threads": cfg.threads,
-        "exporter": cfg.export.exporter,
-        "opset": cfg.export.opset,
-        **gate_config(cfg),
-    }
-
-
-def gate_config(cfg: CompressConfig) -> dict[str, Any]:
-    """The report's record of the tolerances and gate flags as given (None: the default)."""
-    return {**asdict(cfg.tolerances), "max_bytes": cfg.max_bytes}
+def _config_dict(cfg: CompressConfig, result: Stage) -> dict[str, Any]:
+    """The report's ``config``: RaRe's full fine-tuning settings, or the method's own."""
+    gates = {**asdict(cfg.tolerances), "max_bytes": cfg.max_bytes}
+    common = {"threads": cfg.threads, "exporter": cfg.export.exporter, "opset": cfg.export.opset}
+    if cfg.method.method == "rare":
+        rare = result.detail["rare"]
+        return {
+            "train": rare["train"],
+            "frobenius": cfg.frobenius,
+            "axis_policy": cfg.axis_policy,
+            "ffn_fusion": cfg.ffn_fusion,
+            "recovery": rare["recovery"],
+            **common,
+            **gates,
+        }
+    t = cfg.train
+    train = {
+        "steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "distill": t.distill,
+        "seed": t.seed,
+    }  # fmt: skip
+    return {"method": method_dict(cfg.method), "train": train, **common, **gates}

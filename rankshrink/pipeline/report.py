@@ -108,6 +108,7 @@ def verification_dict(
         samples=v.samples,
         gates=[g.as_dict() for g in v.gates],
         failures=v.failures,
+        **(v.checks or {}),
         **extra,
     )
     return out

@@ -3,7 +3,7 @@
 - :func:`low_rank_stage` — truncated SVD or RMT-SVD on every ``nn.Linear``, then plain
   fine-tuning (SPEC §5);
 - :func:`sparsity_stage` — layer sparsity's penalized fine-tuning, merge and (optional) refit;
-- RaRe's fine-tuning with live fusion and its fold is :func:`rankshrink.pipeline.compress.rare_stage`.
+- :func:`rare_stage` — factorize, fine-tune with RaRe and live fusion, fold (SPEC §2–4).
 
 A combined method runs a structural stage first and a low-rank stage on the model it left
 (:func:`then`): ``layer-sparsity+rmt-svd`` removes whole layers, then the Marchenko–Pastur bulk of
@@ -12,7 +12,8 @@ The low-rank stage's fine-tuning is then the one refit of the combined result.
 
 Each stage returns a :class:`Stage`: the model, its fine-tuning phases (for the report's training
 account and ``--plot``), its SPEC §6 layer entries and a method-specific report section.
-Nothing here exports, verifies or writes; :mod:`rankshrink.pipeline.methods` does that for every method.
+Nothing here exports, verifies or writes; :func:`rankshrink.pipeline.compress.compress` does that for
+every method.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Stage:
     phases: list[Phase]
     layers: list[dict[str, Any]]  # SPEC §6 layer entries of ``model``
     detail: dict[str, Any] = field(default_factory=dict)  # method-specific report sections
+    # RaRe: max abs difference of the folded model from the factorized one on the held-out split
+    fold_diff: float | None = None
+    heads: Any = None  # RaRe on a Transformer: the heads each block kept
 
 
 def low_rank_stage(

@@ -1,49 +1,41 @@
-"""``rankshrink verify`` for a Hugging Face folder: re-check a file against the folder's model."""
+"""``rankshrink verify``: re-check an ONNX file against a model on a data file's held-out split.
+
+Any model ``compress`` takes works here — a checkpoint (with ``--arch`` or ``--trust-pickle`` as
+needed), a Hugging Face folder, or a ``--save-pt`` output (against its own ONNX): it is loaded and
+adapted the same way, so the split, the task kind and the metrics are the ones ``compress`` used.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rankshrink.errors import InputError
-from rankshrink.io.hf_folder import load_hf_folder
-from rankshrink.io.token_data import load_for_encoder
-from rankshrink.nn.token_encoder import TokenEncoder
 from rankshrink.onnx.gates import Tolerances
-from rankshrink.onnx.verify import Verification
-from rankshrink.onnx.verify_tokens import TokenChecks, encoder_task, verify_tokens
+from rankshrink.onnx.verify import Verification, verify_export
+from rankshrink.pipeline.subject import load_subject
 
 
-def verify_folder(
-    folder: Path,
+def verify_file(
+    model: Path,
     onnx_path: Path,
     data: Path,
     tol: Tolerances,
     seed: int = 0,
     arch: str | None = None,
     trust_pickle: bool = False,
-) -> tuple[Verification, TokenChecks]:
-    """``rankshrink verify FOLDER OUT.onnx --data FILE``: re-check an exported file against the
-    folder's model on the data's held-out split (the split ``compress`` used with this seed).
+) -> Verification:
+    """Check ``onnx_path`` against ``model`` (no compressed torch module: the file alone).
 
     Raises:
-        InputError: bad folder, data or file, ``--arch``/``--trust-pickle`` given, or a gate
-            flag that does not fit the model (exit 2).
-        ForeignFileError, UntrustedGraphError: see :func:`verify_tokens` (exit 3).
+        InputError: bad model, data or file, or a gate flag that does not fit the model (exit 2).
+        ForeignFileError, UntrustedGraphError: the file is not the model's, or cannot be
+            vouched for (exit 3).
     """
-    if arch is not None or trust_pickle:
-        raise InputError(f"{folder} is a Hugging Face folder; drop --arch and --trust-pickle")
-    if not onnx_path.is_file():
+    if not Path(onnx_path).is_file():
         raise InputError(f"ONNX file not found: {onnx_path}")
-    encoder: TokenEncoder = load_hf_folder(folder).model  # type: ignore[assignment]
-    ds = load_for_encoder(data, folder, encoder.config, seed)
-    task = encoder_task(encoder, tol, ds.has_labels)
-    return verify_tokens(
-        encoder,
-        None,
-        onnx_path,
-        ds.x_test,
-        ds.y_test,
-        tol,
-        task,
-        pad_id=encoder.config.pad_token_id,
+    subject = load_subject(Path(model), Path(data), arch, trust_pickle, seed)
+    ds = subject.data
+    task = subject.task(tol)
+    return verify_export(
+        subject.model, None, Path(onnx_path), ds.x_test, ds.y_test, tol, task, subject.io
     )

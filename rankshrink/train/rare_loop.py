@@ -4,21 +4,21 @@ One step: fuse the pairs that qualify after the previous update, add the RaRe te
 fusable axis (its argmin pair only), the L2 term and the task loss, then one Adam update. A
 :class:`ThresholdSchedule` optionally relaxes τ_cos/τ_euc while the model is above a target size
 trajectory — the paper's thresholds fuse only a few vectors per hundred steps post hoc.
+
+The loop itself (batches, task loss, Adam, non-finite steps) is
+:func:`rankshrink.train.loop.train_`; this module supplies its hooks (:class:`RareHooks`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
-from rankshrink.errors import TrainingDivergedError
 from rankshrink.math.rare import (
     AxisVectors,
     PairCandidates,
@@ -28,6 +28,7 @@ from rankshrink.math.rare import (
 from rankshrink.methods.fusion import fuse_, plan_fusions
 from rankshrink.methods.surgery import FactorizedChain, fusable_axis, rare_axes
 from rankshrink.nn.factorized import FactorizedLinear
+from rankshrink.train.loop import Hooks, LoopConfig, StepOutcome, train_
 
 
 @dataclass
@@ -163,139 +164,116 @@ def _fine_tune(
     size_fn: Callable[[], int],
     progress: Callable[[StepStats], None] | None,
 ) -> TrainReport:
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model, layers, policies = chain.model, chain.layers, chain.policies
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, foreach=True)
-    schedule = ThresholdSchedule(cfg)
-    refresh = cfg.search_refresh or _search_refresh(chain, cfg)
-    # plain fine-tuning (no RaRe, no fusion) scores no pairs at all: the baseline of benchmark (a)
-    scan = cfg.fusion or cfg.lambda_rank > 0
-    cands = (
-        {}
-        if not scan
-        else {
+    hooks = RareHooks(chain, cfg, size_fn, progress)
+    loop_cfg = LoopConfig(
+        cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        distill=cfg.distill,
+        temperature=cfg.distill_temperature,
+        foreach=True,  # one fused kernel per op over all parameters
+        diverged_hint="try a lower --lr or fewer --steps",
+    )
+    result = train_(chain.model, x, y, teacher, loop_cfg, hooks)
+    return TrainReport(
+        cfg.steps,
+        result.seconds,
+        hooks.fusions,
+        hooks.fusions_by_layer,
+        result.skipped_steps,
+        hooks.refresh,
+        result.history,
+    )
+
+
+class RareHooks(Hooks):
+    """RaRe and live fusion as hooks of :func:`rankshrink.train.loop.train_`.
+
+    Before each step, score the candidate pairs once and fuse what qualifies after the previous
+    update (the paper fuses after every step); the same scoring gives the RaRe term. The loss is
+    task + λ2·L2 in the graph, and λ1·RaRe's gradient is added after backward. After each step
+    the threshold schedule sets τ for the next one and the progress callback hears of the step.
+    """
+
+    def __init__(
+        self,
+        chain: FactorizedChain,
+        cfg: TrainConfig,
+        size_fn: Callable[[], int],
+        progress: Callable[[StepStats], None] | None,
+    ) -> None:
+        self.chain, self.cfg, self.size_fn, self.progress = chain, cfg, size_fn, progress
+        self.schedule = ThresholdSchedule(cfg)
+        self.refresh = cfg.search_refresh or _search_refresh(chain, cfg)
+        # plain fine-tuning (no RaRe, no fusion) scores no pairs at all: benchmark (a)'s baseline
+        self.scan = cfg.fusion or cfg.lambda_rank > 0
+        self.cands = {
             (li, axis): PairCandidates(
                 top=_top(layer, axis),
-                refresh=refresh,
+                refresh=self.refresh,
                 positive_only=axis == "rows" and pol.positive_rows,
                 groups=pol.row_groups if axis == "rows" else pol.col_groups,
             )
-            for li, (layer, pol) in enumerate(zip(layers, policies, strict=True))
-            for axis in rare_axes(pol)
+            for li, (layer, pol) in enumerate(zip(chain.layers, chain.policies, strict=True))
+            for axis in (rare_axes(pol) if self.scan else [])
         }
-    )
-    size0 = max(size_fn(), 1)
-    size_ratio = 1.0
-    tau_cos, tau_euc = cfg.tau_cos, cfg.tau_euc
-    fusions_by_layer = {pol.name: 0 for pol in policies}
-    total_fusions = skipped = bad_in_a_row = 0
-    history: list[dict[str, float]] = []
-    n = x.shape[0]
-    order = torch.randperm(n, generator=gen)
-    cursor = 0
-    model.train()
-    start = time.perf_counter()
-    for step in range(cfg.steps):
-        # 1. Score the candidate pairs once per step; fuse what qualifies after the previous
-        #    update (the paper fuses after every step); the same scoring gives the RaRe term.
-        if scan:
-            rare, fused_now = _scan_(chain, cands, opt, step, tau_cos, tau_euc, cfg)
-        else:
-            rare, fused_now = None, {}
-        if fused_now:
-            for name, count in fused_now.items():
-                fusions_by_layer[name] += count
-                total_fusions += count
-            size_ratio = size_fn() / size0
-            _decay_dropout(chain)
+        self.tau_cos, self.tau_euc = cfg.tau_cos, cfg.tau_euc
+        self.fusions_by_layer = {pol.name: 0 for pol in chain.policies}
+        self.fusions = 0
+        self.size0, self.size_ratio = 1, 1.0
+        self.rare: RareTerm | None = None  # this step's RaRe term
 
-        # 2. The batch.
-        if cursor + cfg.batch_size > n:
-            order, cursor = torch.randperm(n, generator=gen), 0
-        idx = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
+    def start(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt  # fusion shrinks the optimizer's state along with the parameters
+        self.size0 = max(self.size_fn(), 1)
 
-        # 3. The loss: task + λ1·RaRe + λ2·L2.
-        out = model(x[idx])
-        task = _task_loss(
-            out, None if y is None else y[idx], None if teacher is None else teacher[idx], cfg
+    def before_step(self, step: int) -> None:
+        if not self.scan:
+            return
+        self.rare, fused = _scan_(
+            self.chain, self.cands, self.opt, step, self.tau_cos, self.tau_euc, self.cfg
         )
-        l2 = torch.stack([(layer.V * layer.V).sum() for layer in layers]).mean()
-        loss = task + cfg.lambda_l2 * l2  # + λ1·RaRe, whose gradient is added after backward
+        if fused:
+            for name, count in fused.items():
+                self.fusions_by_layer[name] += count
+                self.fusions += count
+            self.size_ratio = self.size_fn() / self.size0
+            _decay_dropout(self.chain)
 
-        rare_value = 0.0 if rare is None else rare.value
-        # 4. The update, never with non-finite values.
-        opt.zero_grad(set_to_none=True)
-        finite = math.isfinite(float(loss.detach())) and math.isfinite(rare_value)
-        if finite:
-            loss.backward()
-            if rare is not None:
-                rare.add_grad_(cfg.lambda_rank)
-            # one fused norm over all gradients: non-finite iff any entry is
-            total = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"), foreach=True)
-            finite = bool(torch.isfinite(total))
-        if finite:
-            opt.step()
-            bad_in_a_row = 0
-        else:
-            skipped += 1
-            bad_in_a_row += 1
-            opt.zero_grad(set_to_none=True)
-            for group in opt.param_groups:
-                group["lr"] *= 0.5
-            if bad_in_a_row >= 20:
-                raise TrainingDivergedError(
-                    f"fine-tuning diverged: non-finite loss or gradients for 20 steps in a row"
-                    f" (at step {step}); try a lower --lr or fewer --steps"
-                )
+    def extra_loss(self) -> Tensor:
+        l2 = torch.stack([(layer.V * layer.V).sum() for layer in self.chain.layers]).mean()
+        return self.cfg.lambda_l2 * l2
 
-        tau_cos, tau_euc = schedule.update(step, size_ratio)
+    def hand_loss(self) -> float:
+        return 0.0 if self.rare is None else self.rare.value
+
+    def after_backward(self) -> None:
+        if self.rare is not None:
+            self.rare.add_grad_(self.cfg.lambda_rank)
+
+    def end_step(self, s: StepOutcome) -> dict[str, float]:
+        cfg, rare = self.cfg, self.hand_loss()
+        self.tau_cos, self.tau_euc = self.schedule.update(s.step, self.size_ratio)
         stats = StepStats(
-            step=step + 1,
+            step=s.step + 1,
             steps=cfg.steps,
-            loss=float(loss.detach()) + cfg.lambda_rank * rare_value if finite else float("nan"),
-            task_loss=float(task.detach()),
-            rare_loss=rare_value,
-            core_params=sum(math.prod(layer.reduced_shape) for layer in layers),
-            size_ratio=size_ratio,
-            fusions=total_fusions,
-            tau_cos=tau_cos,
+            loss=float(s.loss.detach()) + cfg.lambda_rank * rare if s.finite else float("nan"),
+            task_loss=float(s.task.detach()),
+            rare_loss=rare,
+            core_params=sum(math.prod(layer.reduced_shape) for layer in self.chain.layers),
+            size_ratio=self.size_ratio,
+            fusions=self.fusions,
+            tau_cos=self.tau_cos,
         )
-        if step % 10 == 0 or step == cfg.steps - 1:
-            history.append(
-                {
-                    "step": step + 1,
-                    "loss": stats.loss,
-                    "size_ratio": size_ratio,
-                    "fusions": total_fusions,
-                }
-            )
-        if progress is not None:
-            progress(stats)
-
-    seconds = time.perf_counter() - start
-    model.eval()
-    return TrainReport(
-        cfg.steps, seconds, total_fusions, fusions_by_layer, skipped, refresh, history
-    )
-
-
-def _task_loss(out: Tensor, y: Tensor | None, teacher: Tensor | None, cfg: TrainConfig) -> Tensor:
-    if y is None:
-        assert teacher is not None, "distillation needs teacher outputs when there are no labels"
-        return F.mse_loss(out, teacher)
-    loss = F.cross_entropy(out, y)
-    if cfg.distill and teacher is not None:
-        t = cfg.distill_temperature
-        soft = F.kl_div(
-            F.log_softmax(out / t, dim=-1),
-            F.log_softmax(teacher / t, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        loss = loss + soft * t * t
-    return loss
+        if self.progress is not None:
+            self.progress(stats)
+        return {
+            "step": stats.step,
+            "loss": stats.loss,
+            "size_ratio": self.size_ratio,
+            "fusions": self.fusions,
+        }
 
 
 @dataclass

@@ -38,7 +38,6 @@ class LayerSparsityReport:
     refit: FineTuneReport | None
 
 
-
 def layer_sparsity(
     model: nn.Module,
     x: Tensor,
