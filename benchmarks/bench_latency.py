@@ -38,7 +38,7 @@ from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.onnx.verify import session
 from rankshrink.pipeline.compress import compress
 from rankshrink.pipeline.config import CompressConfig
-from rankshrink.train.rare_loop import TrainConfig
+from rankshrink.train.rare_config import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

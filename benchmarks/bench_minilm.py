@@ -80,11 +80,12 @@ def step_time(
     folder: str, data: str, mode: str, steps: int, batch: int, threads: int, fields: dict
 ) -> dict:
     """One mode's fine-tuning in this (spawned) process: ms/step and peak RSS."""
-    from rankshrink.fold.transformer_fold import export_bytes
+    from rankshrink.fold.transformer_plan import export_bytes
     from rankshrink.io.hf_folder import PackedTokens, load_hf_folder, token_layout
     from rankshrink.io.token_data import load_token_data
     from rankshrink.methods.transformer_surgery import factorize_transformer_
-    from rankshrink.train.rare_loop import TrainConfig, fine_tune_
+    from rankshrink.train.rare_config import TrainConfig
+    from rankshrink.train.rare_loop import fine_tune_
 
     torch.set_num_threads(threads)
     packed = PackedTokens(load_hf_folder(folder).model).eval()
@@ -202,7 +203,7 @@ def compress_and_time(folder: Path, data: Path, tmp: Path, args: argparse.Namesp
     from rankshrink.onnx.export import ExportConfig, export_onnx
     from rankshrink.pipeline.compress import compress
     from rankshrink.pipeline.config import CompressConfig
-    from rankshrink.train.rare_loop import TrainConfig
+    from rankshrink.train.rare_config import TrainConfig
 
     fields = fusion_config(args)
     cfg = CompressConfig(

@@ -35,7 +35,8 @@ from rankshrink.fold.chain_fold import export_bytes
 from rankshrink.io.checkpoint import load_model
 from rankshrink.methods.surgery import factorize_
 from rankshrink.models.chain import prepare_chain
-from rankshrink.train.rare_loop import TrainConfig, TrainReport, fine_tune_
+from rankshrink.train.rare_config import TrainConfig, TrainReport
+from rankshrink.train.rare_loop import fine_tune_
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 

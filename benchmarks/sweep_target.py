@@ -60,10 +60,10 @@ from rankshrink.cli import app as rankshrink_cli
 from rankshrink.errors import RankshrinkError
 from rankshrink.io.outputs import check_outputs, write_all
 from rankshrink.onnx.export import ExportConfig
-from rankshrink.onnx.gates import Tolerances
+from rankshrink.onnx.task import Tolerances
 from rankshrink.pipeline.compress import compress
 from rankshrink.pipeline.config import CompressConfig
-from rankshrink.train.rare_loop import TrainConfig
+from rankshrink.train.rare_config import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 QUICK_STEPS = 300

@@ -52,7 +52,7 @@ def load_data(path: str | Path, seed: int = 0) -> Dataset:
         )
     if path.stat().st_size == 0:
         raise InputError(f"data file is empty: {path}")
-    arrays = _read(path)
+    arrays = read_arrays(path)
     if "x" not in arrays and {"state_dict", "arch"} & set(arrays):  # the two files swapped
         raise InputError(
             f"{path} looks like a model checkpoint, not a data file; give it as MODEL and the"
@@ -64,7 +64,7 @@ def load_data(path: str | Path, seed: int = 0) -> Dataset:
         )
     x = _as_float(arrays["x"], path)
     n = x.shape[0]
-    y = _labels(arrays["y"], n, path) if "y" in arrays else None
+    y = checked_labels(arrays["y"], n, path) if "y" in arrays else None
     return split_dataset(x, y, arrays, path, seed)
 
 
@@ -94,7 +94,7 @@ def split_dataset(
     )
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_arrays(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
@@ -132,7 +132,7 @@ def _short(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:120]
 
 
-def _tensor(value: Any, name: str, path: Path) -> Tensor:
+def as_tensor(value: Any, name: str, path: Path) -> Tensor:
     if isinstance(value, Tensor):
         if value.layout != torch.strided or value.is_nested or value.is_meta or value.is_quantized:
             raise InputError(f"{path}: '{name}' is not a dense tensor with data; save a dense one")
@@ -145,7 +145,7 @@ def _tensor(value: Any, name: str, path: Path) -> Tensor:
 
 
 def _as_float(value: Any, path: Path) -> Tensor:
-    x = _tensor(value, "x", path)
+    x = as_tensor(value, "x", path)
     if not (
         x.dtype.is_floating_point
         or x.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -161,8 +161,8 @@ def _as_float(value: Any, path: Path) -> Tensor:
     return x
 
 
-def _labels(value: Any, n: int, path: Path) -> Tensor:
-    y = _tensor(value, "y", path)
+def checked_labels(value: Any, n: int, path: Path) -> Tensor:
+    y = as_tensor(value, "y", path)
     if y.dtype.is_floating_point:
         if not bool(torch.isfinite(y).all()) or not bool((y == y.round()).all()):
             raise InputError(f"{path}: 'y' must hold integer class labels, found fractions or NaN")
@@ -181,7 +181,7 @@ def _split(arrays: dict[str, Any], n: int, path: Path) -> tuple[Tensor, Tensor]:
         raise InputError(f"{path}: a recorded split needs both 'train_idx' and 'test_idx'")
     parts = []
     for name in ("train_idx", "test_idx"):
-        idx = _tensor(arrays[name], name, path)
+        idx = as_tensor(arrays[name], name, path)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() != 1:
             raise InputError(f"{path}: '{name}' must be a 1-D integer array")
         idx = idx.long()

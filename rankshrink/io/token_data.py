@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from rankshrink.errors import InputError
-from rankshrink.io.data import Dataset, _labels, _read, _tensor, split_dataset
+from rankshrink.io.data import Dataset, as_tensor, checked_labels, read_arrays, split_dataset
 from rankshrink.nn.token_encoder import TokenEncoderConfig
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -48,7 +48,7 @@ def load_token_data(
     path = Path(path)
     if not path.is_file():
         raise InputError(f"data file not found: {path}")
-    return token_dataset(_read(path), path, vocab_size, max_length, type_vocab_size, seed)
+    return token_dataset(read_arrays(path), path, vocab_size, max_length, type_vocab_size, seed)
 
 
 def load_text_data(
@@ -141,12 +141,12 @@ def token_dataset(
     if empty:
         raise InputError(f"{path}: {empty} rows of 'attention_mask' mask out every token")
     x = torch.stack([ids, mask, types], dim=1)  # (N, 3, T)
-    y = _labels(arrays["y"], n, path) if "y" in arrays else None
+    y = checked_labels(arrays["y"], n, path) if "y" in arrays else None
     return split_dataset(x, y, arrays, path, seed)
 
 
 def _ints(value: Any, name: str, path: Path, shape: tuple[int, int] | None) -> Tensor:
-    t = _tensor(value, name, path)
+    t = as_tensor(value, name, path)
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.dtype.is_complex:
         raise InputError(f"{path}: '{name}' has dtype {t.dtype}; expected integers")
     if t.dim() != 2 or t.shape[0] == 0 or t.shape[1] == 0:

@@ -131,19 +131,18 @@ def token_layout(packed: PackedTokens) -> TransformerLayout:
     out_proj) is protected: its input is the residual stream, its output the model's.
     """
     enc = packed.encoder
+    roles = {
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "out": "attention.output.dense",
+        "ffn_in": "intermediate.dense",
+        "ffn_out": "output.dense",
+        "attention": "attention.self",
+    }
+    # out_inside=False: attention.output applies the output projection, then dropout and LayerNorm
     blocks = tuple(
-        BlockLayout(
-            name=f"encoder.layers.{i}",
-            q=f"encoder.layers.{i}.attention.self.query",
-            k=f"encoder.layers.{i}.attention.self.key",
-            v=f"encoder.layers.{i}.attention.self.value",
-            out=f"encoder.layers.{i}.attention.output.dense",
-            ffn_in=f"encoder.layers.{i}.intermediate.dense",
-            ffn_out=f"encoder.layers.{i}.output.dense",
-            attention=f"encoder.layers.{i}.attention.self",
-            out_inside=False,  # attention.output applies it, then dropout and the LayerNorm
-            heads=enc.heads,
-        )
+        BlockLayout.under(f"encoder.layers.{i}", roles, out_inside=False, heads=enc.heads)
         for i in range(len(enc.layers))
     )
     head = enc.config.head

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rankshrink.errors import InputError
-from rankshrink.nn.folded_encoder import HeadwiseAttention, _build_linear, _linear_spec, _widths
+from rankshrink.nn.folded_encoder import HeadwiseAttention, build_linear, head_widths, linear_spec
 from rankshrink.nn.token_encoder import (
     ACTIVATIONS,
     HEADS,
@@ -35,8 +35,8 @@ from rankshrink.nn.token_encoder import (
 )
 
 SPEC_TYPE = "token_encoder"
-_MAX_FIELD = 2**20  # per integer field; products of a few cannot overflow before the bound below
-_MAX_PARAMS = 2**31  # 8 GiB of float32, as for the other spec types
+MAX_FIELD = 2**20  # per integer field; products of a few cannot overflow before the bound below
+MAX_PARAMS = 2**31  # 8 GiB of float32, as for the other spec types
 _CHOICES = {
     "kind": ("base", "classifier"),
     "positions": POSITIONS,
@@ -63,8 +63,8 @@ def token_encoder_spec(model: TokenEncoder) -> dict[str, Any]:
                 {
                     "qk_widths": list(core.qk_widths),
                     "v_widths": list(core.v_widths),
-                    "ffn_in": _linear_spec(layer.intermediate.dense),
-                    "ffn_out": _linear_spec(layer.output.dense),
+                    "ffn_in": linear_spec(layer.intermediate.dense),
+                    "ffn_out": linear_spec(layer.output.dense),
                 }
             )
         else:
@@ -112,11 +112,11 @@ def _build(spec: Any, device: torch.device) -> TokenEncoder:
         with torch.device("meta"):
             core = HeadwiseAttention(
                 C,
-                _widths(block.get("qk_widths"), cfg.heads, head_dim, "qk_widths", SPEC_TYPE),
-                _widths(block.get("v_widths"), cfg.heads, head_dim, "v_widths", SPEC_TYPE),
+                head_widths(block.get("qk_widths"), cfg.heads, head_dim, "qk_widths", SPEC_TYPE),
+                head_widths(block.get("v_widths"), cfg.heads, head_dim, "v_widths", SPEC_TYPE),
             )
-            first = _build_linear(block.get("ffn_in"), limit, SPEC_TYPE)
-            second = _build_linear(block.get("ffn_out"), limit, SPEC_TYPE)
+            first = build_linear(block.get("ffn_in"), limit, SPEC_TYPE)
+            second = build_linear(block.get("ffn_out"), limit, SPEC_TYPE)
             layer.attention.output.dense = nn.Linear(core.out_features, C)
         # the FFN's sizes must chain, or the forward would fail long after loading
         if (first.in_features, first.out_features, second.out_features) != (
@@ -167,10 +167,10 @@ def config_from_dict(values: Any) -> TokenEncoderConfig:
             if (
                 not isinstance(value, int)
                 or isinstance(value, bool)
-                or not (low <= value <= _MAX_FIELD)
+                or not (low <= value <= MAX_FIELD)
             ):
                 raise InputError(
-                    f"{SPEC_TYPE} spec: {name} must be an integer in [{low}, {_MAX_FIELD}],"
+                    f"{SPEC_TYPE} spec: {name} must be an integer in [{low}, {MAX_FIELD}],"
                     f" got {value!r:.40}"
                 )
     cfg = TokenEncoderConfig(**values)
@@ -185,7 +185,7 @@ def config_from_dict(values: Any) -> TokenEncoderConfig:
     for problem, bad in problems.items():
         if bad:
             raise InputError(f"{SPEC_TYPE} spec: {problem}")
-    if _num_params(cfg) > _MAX_PARAMS:
+    if _num_params(cfg) > MAX_PARAMS:
         raise InputError(f"{SPEC_TYPE} spec: {_num_params(cfg):,} parameters is too large")
     return cfg
 

@@ -40,6 +40,21 @@ class BlockLayout:
     # block calls (e.g. BERT's passes a mask and expects a tuple back); None installs it as is
     wrap_core: Callable[[nn.Module], nn.Module] | None = None
 
+    @classmethod
+    def under(
+        cls,
+        prefix: str,
+        roles: dict[str, str],
+        *,
+        out_inside: bool,
+        heads: int,
+        wrap_core: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> BlockLayout:
+        """The layout of the block at ``prefix`` whose projections (and ``attention``) sit at
+        the dotted paths ``roles`` below it."""
+        names = {role: f"{prefix}.{path}" for role, path in roles.items()}
+        return cls(prefix, **names, out_inside=out_inside, heads=heads, wrap_core=wrap_core)
+
     def module(self, role: str) -> str:
         """The module name of a role in :data:`ROLES`."""
         return str(getattr(self, role))
@@ -67,19 +82,10 @@ def transformer_layout(model: nn.Module) -> TransformerLayout:
             ``nn.MultiheadAttention``, whose projections are not separate ``nn.Linear`` modules).
     """
     if isinstance(model, TokenClassifier):
+        roles = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "out": "attn.out"}
+        roles |= {"ffn_in": "ffn_in", "ffn_out": "ffn_out", "attention": "attn"}
         blocks = tuple(
-            BlockLayout(
-                name=f"layers.{i}",
-                q=f"layers.{i}.attn.q",
-                k=f"layers.{i}.attn.k",
-                v=f"layers.{i}.attn.v",
-                out=f"layers.{i}.attn.out",
-                ffn_in=f"layers.{i}.ffn_in",
-                ffn_out=f"layers.{i}.ffn_out",
-                attention=f"layers.{i}.attn",
-                out_inside=True,
-                heads=model.config.heads,
-            )
+            BlockLayout.under(f"layers.{i}", roles, out_inside=True, heads=model.config.heads)
             for i in range(len(model.layers))
         )
         return TransformerLayout(blocks, protected=("head",))

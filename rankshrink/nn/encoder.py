@@ -170,10 +170,10 @@ def build_encoder(spec: dict[str, Any]) -> TokenClassifier:
         InputError: a field is missing, unknown, of the wrong type or out of range (one line naming
             the field), or the model would be unreasonably large.
     """
-    return TokenClassifier(_config_from_spec(spec))
+    return TokenClassifier(config_from_spec(spec))
 
 
-def _config_from_spec(spec: Any) -> EncoderConfig:
+def config_from_spec(spec: Any) -> EncoderConfig:
     if not isinstance(spec, dict):
         raise InputError(f"{SPEC_TYPE} spec must be a dict, got {type(spec).__name__}")
     if spec.get("type") != SPEC_TYPE:

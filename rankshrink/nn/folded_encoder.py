@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from rankshrink.errors import InputError
 from rankshrink.nn.encoder import SPEC_TYPE as BASE_TYPE
-from rankshrink.nn.encoder import TokenClassifier, _config_from_spec
+from rankshrink.nn.encoder import TokenClassifier, config_from_spec
 from rankshrink.nn.indexed import IndexedLinear
 
 SPEC_TYPE = "folded_token_classifier"
@@ -108,7 +108,7 @@ class AttentionWithOut(nn.Module):
 # -- spec ------------------------------------------------------------------------------------
 
 
-def _linear_spec(module: nn.Module) -> dict[str, Any]:
+def linear_spec(module: nn.Module) -> dict[str, Any]:
     if isinstance(module, IndexedLinear):
         return module.spec()
     if isinstance(module, nn.Linear):
@@ -120,7 +120,7 @@ def _linear_spec(module: nn.Module) -> dict[str, Any]:
     raise InputError(f"cannot describe a folded FFN layer of type {type(module).__name__}")
 
 
-def _build_linear(spec: Any, limit: int, label: str = SPEC_TYPE) -> nn.Module:
+def build_linear(spec: Any, limit: int, label: str = SPEC_TYPE) -> nn.Module:
     """An FFN layer from its spec; every size in it must be at most ``limit`` (max(d_model, ffn)),
     so that a forged spec cannot make the loader allocate more than the original model holds.
     ``label`` names the spec type in errors."""
@@ -156,7 +156,7 @@ def _positive(value: Any, label: str = SPEC_TYPE) -> int:
     return value
 
 
-def _widths(value: Any, heads: int, head_dim: int, what: str, label: str = SPEC_TYPE) -> list[int]:
+def head_widths(value: Any, heads: int, head_dim: int, what: str, label: str = SPEC_TYPE) -> list[int]:
     # a folded head is never wider than the original's head
     if (
         not isinstance(value, list)
@@ -184,8 +184,8 @@ def folded_spec(model: TokenClassifier) -> dict[str, Any]:
             {
                 "qk_widths": list(attn.core.qk_widths),
                 "v_widths": list(attn.core.v_widths),
-                "ffn_in": _linear_spec(layer.ffn_in),
-                "ffn_out": _linear_spec(layer.ffn_out),
+                "ffn_in": linear_spec(layer.ffn_in),
+                "ffn_out": linear_spec(layer.ffn_out),
             }
         )
     return {"type": SPEC_TYPE, "base": asdict(model.config), "blocks": blocks}
@@ -199,7 +199,7 @@ def build_folded(spec: dict[str, Any]) -> TokenClassifier:
     """
     if not isinstance(spec, dict) or not isinstance(spec.get("base"), dict):
         raise InputError(f"{SPEC_TYPE} spec needs a 'base' encoder spec")
-    config = _config_from_spec({"type": BASE_TYPE, **spec["base"]})
+    config = config_from_spec({"type": BASE_TYPE, **spec["base"]})
     blocks = spec.get("blocks")
     if not isinstance(blocks, list) or len(blocks) != config.layers:
         raise InputError(f"{SPEC_TYPE} spec: 'blocks' must list {config.layers} layers")
@@ -212,13 +212,13 @@ def build_folded(spec: dict[str, Any]) -> TokenClassifier:
         head_dim = config.d_model // config.heads
         core = HeadwiseAttention(
             config.d_model,
-            _widths(block.get("qk_widths"), config.heads, head_dim, "qk_widths"),
-            _widths(block.get("v_widths"), config.heads, head_dim, "v_widths"),
+            head_widths(block.get("qk_widths"), config.heads, head_dim, "qk_widths"),
+            head_widths(block.get("v_widths"), config.heads, head_dim, "v_widths"),
         )
         layer.attn = AttentionWithOut(core, nn.Linear(core.out_features, config.d_model))
         limit = max(config.d_model, config.ffn)
-        layer.ffn_in = _build_linear(block.get("ffn_in"), limit)
-        layer.ffn_out = _build_linear(block.get("ffn_out"), limit)
+        layer.ffn_in = build_linear(block.get("ffn_in"), limit)
+        layer.ffn_out = build_linear(block.get("ffn_out"), limit)
     return model.eval()
 
 

@@ -19,24 +19,18 @@ Every threshold can be changed by its flag; a flag that does not apply to the mo
 input. Each gate is recorded (:class:`Gate`) with its metric, value, threshold and where the
 threshold came from, so the report says exactly what "passed" meant. The size gates (the file must
 be smaller than the original; ``--max-bytes``) are gates of the same kind.
+
+The task kind is decided in :mod:`rankshrink.onnx.task` and the metrics are measured in
+:mod:`rankshrink.onnx.quality`; this module decides the gates on them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-
-from rankshrink.errors import InputError
-
-#: What ``--task`` accepts; ``auto`` decides from the model (one output: binary, else classifier).
-TASKS = ("auto", "classifier", "binary", "regression")
-#: The task kinds gates are chosen by (``hidden`` is decided by a Hugging Face folder, not a flag).
-KINDS = ("classifier", "binary", "hidden", "regression")
+from rankshrink.onnx.quality import Quality
+from rankshrink.onnx.task import PLURAL, Task, Tolerances, cli_flag
 
 DEFAULT_MAX_ACCURACY_DROP = 1.0  # points of test accuracy
 DEFAULT_MIN_AGREEMENT = 0.95  # share of held-out samples with the original's top-1 / decision
@@ -51,23 +45,6 @@ DEFAULT_MIN_COSINE = 0.98  # mean pooled cosine of hidden states
 #: the mean squared error when the change is uncorrelated with the residual. Outputs with a large
 #: constant offset make the bound looser: give --max-rel-error for those.
 DEFAULT_MAX_REL_ERROR = 0.05
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    """What counts as a passed verification: the export tolerance and the quality thresholds.
-
-    A threshold left ``None`` takes its default for the model's kind (see the module docstring);
-    ``task`` is ``--task``.
-    """
-
-    export_atol: float = 1e-4  # compressed torch vs its ONNX, max abs diff
-    max_accuracy_drop: float | None = None  # points
-    min_agreement: float | None = None  # fraction of held-out samples
-    min_cosine: float | None = None  # mean pooled cosine of hidden states
-    max_prob_diff: float | None = None  # mean |Δp| of a binary classifier
-    max_rel_error: float | None = None  # ‖after − before‖_F / ‖before‖_F
-    task: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -140,34 +117,6 @@ _KIND_GATES: dict[str, tuple[tuple[_Spec, ...], tuple[_Spec, ...], tuple[_Spec, 
     "hidden": ((_COSINE,), (_COSINE,), ()),
     "regression": ((_REL_ERROR,), (_REL_ERROR,), ()),
 }
-#: How messages name each kind ("default for classifiers").
-_PLURAL = {
-    "classifier": "classifiers",
-    "binary": "binary classifiers",
-    "hidden": "hidden-state models",
-    "regression": "regression outputs",
-}
-#: The kinds each threshold applies to (a flag given for another kind is bad input).
-APPLIES = {
-    "max_accuracy_drop": ("classifier", "binary"),
-    "min_agreement": ("classifier", "binary"),
-    "min_cosine": ("hidden",),
-    "max_prob_diff": ("binary",),
-    "max_rel_error": ("regression",),
-}
-
-
-def _flag(field: str) -> str:
-    return "--" + field.replace("_", "-")
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a model outputs, which decides its quality gates."""
-
-    kind: str  # one of KINDS
-    outputs: int  # output width (classes, 1, hidden size, or regression targets)
-    sigmoid: bool = False  # binary: the model ends in nn.Sigmoid, so it outputs probabilities
 
 
 @dataclass
@@ -209,7 +158,7 @@ class Gate:
         elif not failed:  # where the default came from matters when it fails
             origin = "default"
         else:
-            origin = f"default for {_PLURAL.get(self.kind, 'this model')}"
+            origin = f"default for {PLURAL.get(self.kind, 'this model')}"
             if self.flag:
                 origin += f"; {self.flag} to change"
         return (
@@ -229,158 +178,6 @@ def format_value(value: float, unit: str, threshold: bool = False) -> str:
     if float(text) == 0:  # no "-0.00"
         text = text.lstrip("-")
     return text + unit
-
-
-def validate(tol: Tolerances) -> None:
-    """Check the thresholds' ranges and ``task``.
-
-    Raises:
-        InputError: one line naming the flag, its range and the value given.
-    """
-    if tol.task not in TASKS:
-        raise InputError(f"--task must be one of {', '.join(TASKS)}, got {tol.task!r}")
-    ranges = {
-        "max_accuracy_drop": (-100.0, 100.0),  # negative: the compressed model must be better
-        "min_agreement": (0.0, 1.0),
-        "min_cosine": (-1.0, 1.0),
-        "max_prob_diff": (0.0, 1.0),
-        "max_rel_error": (0.0, float("inf")),
-    }
-    for field, (low, high) in ranges.items():
-        value = getattr(tol, field)
-        if value is not None and not (math.isfinite(value) and low <= value <= high):
-            bounds = f"in [{low:g}, {high:g}]"
-            if high == float("inf"):
-                bounds = f"a finite number ≥ {low:g}"
-            raise InputError(f"{_flag(field)} must be {bounds}, got {value}")
-
-
-def resolve_task(
-    outputs: int, tol: Tolerances, has_labels: bool, *, hidden: bool = False, sigmoid: bool = False
-) -> Task:
-    """Decide the task kind from what the model outputs and ``--task``; check the gate flags.
-
-    Args:
-        outputs: the output width (classes, 1, hidden size).
-        hidden: the model outputs hidden states (a Hugging Face base model).
-        sigmoid: the model ends in ``nn.Sigmoid``.
-
-    Raises:
-        InputError: ``--task`` does not fit the model, or a gate flag does not apply to its kind
-            (before any work is done).
-    """
-    validate(tol)
-    if hidden:
-        if tol.task != "auto":
-            raise InputError(
-                f"--task {tol.task} does not apply: the model outputs hidden states; drop --task"
-            )
-        kind = "hidden"
-    elif tol.task == "auto":
-        kind = "binary" if outputs == 1 else "classifier"
-    else:
-        kind = tol.task
-    if kind == "classifier" and outputs < 2:
-        raise InputError(
-            f"--task classifier needs two or more outputs; the model has {outputs}"
-            " (use --task binary or regression)"
-        )
-    if kind == "binary" and outputs != 1:
-        raise InputError(
-            f"--task binary needs one output column; the model has {outputs}"
-            " (use --task classifier or regression)"
-        )
-    if kind == "regression" and has_labels:
-        raise InputError(
-            "--task regression takes label-free data (y holds class labels); drop y from the"
-            " data file or use --task classifier"
-        )
-    what = {
-        "classifier": f"a classifier ({outputs} outputs)",
-        "binary": "a binary classifier (one output)",
-        "hidden": "a hidden-state model",
-        "regression": "a regression model (--task regression)",
-    }[kind]
-    for field, allowed in APPLIES.items():
-        if getattr(tol, field) is not None and kind not in allowed:
-            raise InputError(
-                f"{_flag(field)} does not apply to {what}; it gates"
-                f" {' and '.join(_PLURAL[k] for k in allowed)}"
-            )
-    return Task(kind, outputs, sigmoid and kind == "binary")
-
-
-@torch.no_grad()
-def model_task(model: nn.Module, x: Tensor, tol: Tolerances, has_labels: bool) -> Task:
-    """:func:`resolve_task` for a checkpoint model, from its output on two samples of ``x``."""
-    out = model.eval()(x[:2])
-    return resolve_task(int(out.shape[-1]), tol, has_labels, sigmoid=ends_in_sigmoid(model))
-
-
-def ends_in_sigmoid(model: nn.Module) -> bool:
-    """Whether the last module registered (the last layer of a Sequential) is ``nn.Sigmoid``."""
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    return bool(leaves) and isinstance(leaves[-1], nn.Sigmoid)
-
-
-@dataclass
-class Quality:
-    """The comparison of the compressed model's outputs with the original's on held-out data."""
-
-    max_abs_diff: float  # logits, probabilities (binary), hidden states or outputs
-    agreement: float | None = None  # top-1 (classifier) or decision (binary) agreement
-    accuracy_before: float | None = None  # percent
-    accuracy_after: float | None = None
-    mean_prob_diff: float | None = None  # binary
-    rel_error: float | None = None  # regression
-    pooled_cosine: float | None = None  # hidden states; measured by the caller
-
-
-def probabilities(out: np.ndarray, task: Task, reference: np.ndarray) -> np.ndarray:
-    """A binary model's p: its outputs when they are probabilities (it ends in nn.Sigmoid, or
-    every one of the original's outputs ``reference`` lies in [0, 1]), else sigmoid(outputs)."""
-    if task.sigmoid or (reference.size and reference.min() >= 0.0 and reference.max() <= 1.0):
-        return out.astype(np.float64)
-    return 1.0 / (1.0 + np.exp(-out.astype(np.float64)))
-
-
-def measure(task: Task, before: np.ndarray, after: np.ndarray, y: Tensor | None) -> Quality:
-    """Compare the outputs ``before`` (original) and ``after`` (compressed), both (N, outputs).
-
-    A hidden-state model's pooled cosine needs its attention mask; its caller measures it and
-    sets :attr:`Quality.pooled_cosine`.
-    """
-    labels = None if y is None else y.numpy()
-    if task.kind == "binary":
-        p_before, p_after = probabilities(before, task, before), probabilities(after, task, before)
-        dec_before, dec_after = p_before[:, 0] > 0.5, p_after[:, 0] > 0.5
-        acc = (
-            (None, None)
-            if labels is None
-            else tuple(float((d == labels).mean() * 100.0) for d in (dec_before, dec_after))
-        )
-        return Quality(
-            max_abs_diff=_max_abs(p_before, p_after),
-            agreement=float((dec_before == dec_after).mean()),
-            accuracy_before=acc[0],
-            accuracy_after=acc[1],
-            mean_prob_diff=float(np.abs(p_before - p_after).mean()),
-        )
-    quality = Quality(max_abs_diff=_max_abs(before, after))
-    if task.kind == "classifier":
-        quality.agreement = float((before.argmax(-1) == after.argmax(-1)).mean())
-        if labels is not None:
-            quality.accuracy_before = float((before.argmax(-1) == labels).mean() * 100.0)
-            quality.accuracy_after = float((after.argmax(-1) == labels).mean() * 100.0)
-    elif task.kind == "regression":
-        diff = np.linalg.norm((after - before).astype(np.float64))
-        norm = np.linalg.norm(before.astype(np.float64))
-        quality.rel_error = float(diff / norm) if norm > 0 else (0.0 if diff == 0 else np.inf)
-    return quality
-
-
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max()) if a.size else 0.0
 
 
 def quality_gates(task: Task, quality: Quality, tol: Tolerances, has_labels: bool) -> list[Gate]:
@@ -418,7 +215,7 @@ def quality_gates(task: Task, quality: Quality, tol: Tolerances, has_labels: boo
                 comparison="<=" if spec.upper else ">=",
                 passed=None if value is None else _holds(value, threshold, spec.upper),
                 source="default" if given is None else "flag",
-                flag=_flag(spec.flag),
+                flag=cli_flag(spec.flag),
                 unit=spec.unit,
                 kind=task.kind,
                 note=note,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from rankshrink.nn.token_encoder import TokenEncoder
-from rankshrink.onnx.gates import Task, Tolerances, resolve_task
+from rankshrink.onnx.task import Task, Tolerances, resolve_task
 
 PAD_TOKENS = 3  # appended by the padding check
 
@@ -57,7 +57,7 @@ def unpadded(out: np.ndarray, x: Tensor, hidden: bool) -> np.ndarray:
 
 def encoder_task(encoder: TokenEncoder, tol: Tolerances, has_labels: bool) -> Task:
     """The task kind of a folder's model: ``hidden`` for a base model, else by its classes
-    (see :func:`rankshrink.onnx.gates.resolve_task`).
+    (see :func:`rankshrink.onnx.task.resolve_task`).
 
     Raises:
         InputError: ``--task`` or a gate flag does not fit the model.

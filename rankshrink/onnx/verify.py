@@ -24,11 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from rankshrink.models.io_spec import FEATURES, ModelIO
-from rankshrink.onnx import gates as quality
-from rankshrink.onnx.gates import Gate, Task, Tolerances
+from rankshrink.onnx import gates as gating
+from rankshrink.onnx.gates import Gate
 from rankshrink.onnx.graph_scan import UntrustedGraphError, scan_graph
 from rankshrink.onnx.provenance import ForeignFileError, check_belongs
+from rankshrink.onnx.quality import Quality, measure
 from rankshrink.onnx.session import run, session
+from rankshrink.onnx.task import Task, Tolerances, model_task
 from rankshrink.onnx.tokens import PAD_TOKENS, cosines, padded, pooled, shorter, unpadded
 
 
@@ -49,7 +51,7 @@ class Verification:
     accuracy_after: float | None
     samples: int
     failures: list[str] = field(default_factory=list)
-    task: str = "classifier"  # the kind the gates were chosen by (rankshrink.onnx.gates.KINDS)
+    task: str = "classifier"  # the kind the gates were chosen by (rankshrink.onnx.task.KINDS)
     gates: list[Gate] = field(default_factory=list)
     mean_prob_diff: float | None = None  # binary
     rel_error: float | None = None  # regression
@@ -60,13 +62,13 @@ class Verification:
 
 def with_gates(v: Verification, extra: list[Gate]) -> Verification:
     """``v`` with more gates decided (the size gates, known once both files are exported)."""
-    failures = v.failures + quality.failures(extra)
+    failures = v.failures + gating.failures(extra)
     return replace(v, gates=v.gates + extra, failures=failures, passed=not failures)
 
 
 def decided(
     task: Task,
-    measured: quality.Quality,
+    measured: Quality,
     fidelity: list[str],
     tol: Tolerances,
     has_labels: bool,
@@ -77,8 +79,8 @@ def decided(
 ) -> Verification:
     """The verification of fidelity checks ``fidelity`` (failure messages) and the quality gates
     decided on ``measured``: the one place where ``passed`` is decided."""
-    gates = quality.quality_gates(task, measured, tol, has_labels)
-    failures = fidelity + quality.failures(gates)
+    gates = gating.quality_gates(task, measured, tol, has_labels)
+    failures = fidelity + gating.failures(gates)
     return Verification(
         passed=not failures,
         export_max_abs_diff=export_max_abs_diff,
@@ -140,7 +142,7 @@ def verify_export(
     has_labels = y_test is not None
     source = io.exported(original).eval()
     if task is None:
-        task = quality.model_task(source, x_test, tol, has_labels)
+        task = model_task(source, x_test, tol, has_labels)
     hidden = io.tokens and task.kind == "hidden"
 
     def torch_run(model: nn.Module, x: Tensor) -> np.ndarray:
@@ -238,9 +240,9 @@ def verify_export(
     if hidden:  # hidden states at unpadded positions; the gate is the pooled cosine
         assert checks is not None
         diff = _max_abs(unpadded(before, x_test, True), unpadded(after, x_test, True))
-        measured = quality.Quality(max_abs_diff=diff, pooled_cosine=checks["pooled_cosine_mean"])
+        measured = Quality(max_abs_diff=diff, pooled_cosine=checks["pooled_cosine_mean"])
     else:
-        measured = quality.measure(task, before, after, y_test)
+        measured = measure(task, before, after, y_test)
     verification = decided(
         task,
         measured,

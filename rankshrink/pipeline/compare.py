@@ -31,7 +31,7 @@ from rankshrink.pipeline.config import CompressConfig, MethodConfig
 from rankshrink.pipeline.methods import METHODS
 from rankshrink.pipeline.subject import Subject, load_subject
 from rankshrink.pipeline.threads import choose_threads, intra_op_threads
-from rankshrink.train.rare_loop import TrainConfig
+from rankshrink.train.rare_config import TrainConfig
 
 #: The methods run when none are named (every method, but combinations only where they helped).
 DEFAULT_METHODS = ("rare", "svd", "rmt-svd", "layer-sparsity", "layer-sparsity+rmt-svd")

@@ -30,7 +30,7 @@ from rankshrink.pipeline.report import build_report, verification_dict
 from rankshrink.pipeline.stages import Stage
 from rankshrink.pipeline.subject import Subject, load_subject
 from rankshrink.pipeline.threads import choose_threads, intra_op_threads
-from rankshrink.train.rare_loop import StepStats, TrainReport
+from rankshrink.train.rare_config import StepStats, TrainReport
 
 
 @dataclass

@@ -13,11 +13,33 @@ from pathlib import Path
 
 from rankshrink.errors import InputError
 from rankshrink.onnx.export import EXPORTERS, ExportConfig
-from rankshrink.onnx.gates import Tolerances, validate
-from rankshrink.train.rare_loop import TrainConfig
+from rankshrink.onnx.task import Tolerances, validate
+from rankshrink.train.rare_config import TrainConfig
 from rankshrink.train.recovery import RecoveryConfig
 
 AXIS_POLICIES = ("fold", "longer")
+
+#: Each method's own settings (MethodConfig fields): the ones it reads, records in the report, and
+#: accepts from the command line. The registry (rankshrink.pipeline.methods) takes them from here.
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "rare": (),
+    "svd": ("budget", "rank", "min_rank"),
+    "rmt-svd": ("tw_margin", "min_rank", "min_energy"),
+    "layer-sparsity": ("lam", "refit_steps"),
+    "rare+rmt-svd": ("tw_margin", "min_rank", "min_energy", "refit_steps"),
+    "layer-sparsity+rmt-svd": ("lam", "tw_margin", "min_rank", "min_energy", "refit_steps"),
+}
+
+#: The command-line flag of each method setting.
+SETTING_FLAGS = {
+    "budget": "--budget",
+    "rank": "--rank",
+    "min_rank": "--min-rank",
+    "tw_margin": "--tw-margin",
+    "min_energy": "--min-energy",
+    "lam": "--lambda-sparsity",
+    "refit_steps": "--refit-steps",
+}
 
 #: The export-size target per model family when none is given. A Transformer's residual stream,
 #: embeddings, LayerNorms and head never shrink, and its GELU FFN only through index ops, so the
@@ -45,6 +67,19 @@ def require_finite(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not math.isfinite(value):
             raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_settings(method: str, given: set[str]) -> None:
+    """Refuse settings (MethodConfig field names) that ``method`` does not read.
+
+    Raises:
+        InputError: ``--rank, --tw-margin do not apply to --method rare``.
+    """
+    own = METHOD_SETTINGS[method]
+    extra = [flag for name, flag in SETTING_FLAGS.items() if name in given and name not in own]
+    verb = "does" if len(extra) == 1 else "do"
+    if extra:
+        raise InputError(f"{', '.join(extra)} {verb} not apply to --method {method}")
 
 
 def check_train(t: TrainConfig) -> None:
@@ -90,6 +125,10 @@ class MethodConfig:
     refit_steps: int | None = None
 
     def __post_init__(self) -> None:
+        names = ", ".join(METHOD_SETTINGS)
+        require(self.method in METHOD_SETTINGS, f"--method must be one of {names}, got {self.method!r}")
+        # a library caller's "given" settings are the ones that differ from their defaults
+        check_settings(self.method, self.changed())
         require_finite(
             budget=self.budget, tw_margin=self.tw_margin, min_energy=self.min_energy,
             lambda_sparsity=self.lam,

@@ -17,11 +17,11 @@ from torch import Tensor
 from rankshrink.errors import InputError, UnsupportedModelError
 from rankshrink.methods.layer_sparsity import LayerSparsityConfig
 from rankshrink.methods.lowrank_layers import LowRankConfig
-from rankshrink.pipeline.config import CompressConfig, MethodConfig
+from rankshrink.pipeline.config import METHOD_SETTINGS, CompressConfig, MethodConfig
 from rankshrink.pipeline.rare_stage import rare_stage
 from rankshrink.pipeline.stages import Phase, Stage, low_rank_stage, sparsity_stage, then
 from rankshrink.pipeline.subject import Subject
-from rankshrink.train.rare_loop import StepStats, TrainReport
+from rankshrink.train.rare_config import StepStats, TrainReport
 
 
 @dataclass(frozen=True)
@@ -30,52 +30,29 @@ class Method:
 
     name: str
     stages: tuple[str, ...]  # "rare", "svd", "rmt-svd", "layer-sparsity", in order
-    settings: tuple[str, ...]  # the MethodConfig fields it reads (and the report records)
     help: str
     budgeted: bool = False  # compare runs it at every budget
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The MethodConfig fields it reads (and the report records)."""
+        return METHOD_SETTINGS[self.name]
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("rare", ("rare",), (), "RaRe fine-tuning with live fusion, folded", True),
-        Method("svd", ("svd",), ("budget", "rank", "min_rank"), "truncated SVD", True),
-        Method(
-            "rmt-svd",
-            ("rmt-svd",),
-            ("tw_margin", "min_rank", "min_energy"),
-            "SVD truncated at the Marchenko–Pastur edge",
-        ),
-        Method(
-            "layer-sparsity",
-            ("layer-sparsity",),
-            ("lam", "refit_steps"),
-            "merge layers whose ReLU became the identity",
-        ),
-        Method(
-            "rare+rmt-svd",
-            ("rare", "rmt-svd"),
-            ("tw_margin", "min_rank", "min_energy", "refit_steps"),
-            "RaRe, then RMT-SVD on the folded model",
-        ),
+        Method("rare", ("rare",), "RaRe fine-tuning with live fusion, folded", budgeted=True),
+        Method("svd", ("svd",), "truncated SVD", budgeted=True),
+        Method("rmt-svd", ("rmt-svd",), "SVD truncated at the Marchenko–Pastur edge"),
+        Method("layer-sparsity", ("layer-sparsity",), "merge layers whose ReLU became the identity"),
+        Method("rare+rmt-svd", ("rare", "rmt-svd"), "RaRe, then RMT-SVD on the folded model"),
         Method(
             "layer-sparsity+rmt-svd",
             ("layer-sparsity", "rmt-svd"),
-            ("lam", "tw_margin", "min_rank", "min_energy", "refit_steps"),
             "layer sparsity, then RMT-SVD on the merged model",
         ),
     )
-}
-
-#: The command-line flag of each setting.
-FLAGS = {
-    "budget": "--budget",
-    "rank": "--rank",
-    "min_rank": "--min-rank",
-    "tw_margin": "--tw-margin",
-    "min_energy": "--min-energy",
-    "lam": "--lambda-sparsity",
-    "refit_steps": "--refit-steps",
 }
 
 
@@ -88,18 +65,6 @@ def method(name: str) -> Method:
     if name not in METHODS:
         raise InputError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
     return METHODS[name]
-
-
-def check_settings(name: str, given: set[str]) -> None:
-    """Refuse settings (MethodConfig field names) the method does not read.
-
-    Raises:
-        InputError: ``--rank, --tw-margin do not apply to --method rare``.
-    """
-    extra = [FLAGS[s] for s in FLAGS if s in given and s not in method(name).settings]
-    verb = "does" if len(extra) == 1 else "do"
-    if extra:
-        raise InputError(f"{', '.join(extra)} {verb} not apply to --method {name}")
 
 
 def run_method(

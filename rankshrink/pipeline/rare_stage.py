@@ -19,7 +19,7 @@ from torch import Tensor
 from rankshrink.fold.chain_fold import FoldResult, export_bytes, fold
 from rankshrink.fold.graph_fold import fold_graph, graph_export_bytes
 from rankshrink.fold.transformer_fold import TransformerFold, fold_transformer
-from rankshrink.fold.transformer_fold import export_bytes as transformer_bytes
+from rankshrink.fold.transformer_plan import export_bytes as transformer_bytes
 from rankshrink.methods.graph_surgery import factorize_graph_
 from rankshrink.methods.surgery import FactorizedChain, factorize_
 from rankshrink.methods.transformer_surgery import factorize_transformer_
@@ -27,7 +27,8 @@ from rankshrink.models.chain import prepare_chain
 from rankshrink.pipeline.config import DEFAULT_RECOVERY, DEFAULT_TARGET_RATIO, CompressConfig
 from rankshrink.pipeline.stages import Phase, Stage
 from rankshrink.pipeline.subject import Subject
-from rankshrink.train.rare_loop import StepStats, fine_tune_
+from rankshrink.train.rare_config import StepStats
+from rankshrink.train.rare_loop import fine_tune_
 from rankshrink.train.recovery import fine_tune_with_recovery_
 
 

@@ -14,7 +14,7 @@ from rankshrink import __version__
 from rankshrink.io.checkpoint import LoadedModel
 from rankshrink.io.data import Dataset
 from rankshrink.onnx.verify import Verification
-from rankshrink.train.rare_loop import TrainReport
+from rankshrink.train.rare_config import TrainReport
 
 
 def build_report(

@@ -29,7 +29,7 @@ from rankshrink.methods.layer_sparsity import LayerSparsityConfig, as_chain
 from rankshrink.methods.lowrank_layers import LowRankConfig, LowRankLayer, expand_low_rank, low_rank
 from rankshrink.models.chain import prepare_chain
 from rankshrink.train.finetune import FineTuneReport, fine_tune_plain
-from rankshrink.train.rare_loop import TrainConfig, TrainReport
+from rankshrink.train.rare_config import TrainConfig, TrainReport
 from rankshrink.train.sparsity import LayerSparsityReport, layer_sparsity
 
 

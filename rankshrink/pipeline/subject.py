@@ -26,7 +26,8 @@ from torch import nn
 from rankshrink.io.checkpoint import LoadedModel, load_model
 from rankshrink.io.data import Dataset, load_data
 from rankshrink.io.data_fit import check_fit
-from rankshrink.io.hf_folder import is_hf_folder, load_hf_folder
+from rankshrink.io.hf_config import is_hf_folder
+from rankshrink.io.hf_folder import load_hf_folder
 from rankshrink.io.token_data import load_for_encoder
 from rankshrink.models.graph import TracedModel, trace
 from rankshrink.models.hf_families import token_layout
@@ -37,7 +38,7 @@ from rankshrink.models.transformer_layout import (
     transformer_layout,
 )
 from rankshrink.nn.token_encoder import PackedTokens, TokenEncoder
-from rankshrink.onnx.gates import Task, Tolerances, model_task
+from rankshrink.onnx.task import Task, Tolerances, model_task
 from rankshrink.onnx.tokens import encoder_task
 
 #: Samples per forward pass when computing distillation targets of a token model: a (N, T, T)

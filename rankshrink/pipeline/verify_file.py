@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rankshrink.errors import InputError
-from rankshrink.onnx.gates import Tolerances
+from rankshrink.onnx.task import Tolerances
 from rankshrink.onnx.verify import Verification, verify_export
 from rankshrink.pipeline.subject import load_subject
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from rankshrink.methods.surgery import FactorizedChain
-from rankshrink.train.rare_loop import StepStats, TrainConfig, TrainReport, fine_tune_
+from rankshrink.train.rare_config import StepStats, TrainConfig, TrainReport
+from rankshrink.train.rare_loop import fine_tune_
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from rankshrink.models.chain import prepare_chain
 from rankshrink.models.graph import trace
 from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.onnx.verify import run, session
-from rankshrink.train.rare_loop import TrainConfig, fine_tune_
+from rankshrink.train.rare_config import TrainConfig
+from rankshrink.train.rare_loop import fine_tune_
 
 D_IN, HIDDEN, CLASSES = 12, 24, 5
 

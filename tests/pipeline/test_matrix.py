@@ -34,11 +34,11 @@ from torch import nn
 from rankshrink.errors import UnsupportedModelError
 from rankshrink.models.arch import make_checkpoint
 from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
-from rankshrink.onnx.gates import Tolerances
+from rankshrink.onnx.task import Tolerances
 from rankshrink.pipeline.compress import compress
 from rankshrink.pipeline.config import CompressConfig, MethodConfig
 from rankshrink.pipeline.methods import METHODS
-from rankshrink.train.rare_loop import TrainConfig
+from rankshrink.train.rare_config import TrainConfig
 
 transformers = pytest.importorskip("transformers", reason="pip install 'rankshrink[hf]'")
 

@@ -332,7 +332,7 @@ def test_text_is_tokenized_with_the_folders_tokenizer(
         app, ["compress", str(folders["base"]), "--text", str(text), "--out", str(out)]
     )
     _one_error_line(result, "no usable tokenizer")
-    sample = Path(__file__).resolve().parents[1] / "sample_models" / "transformer_digits.pt"
+    sample = Path(__file__).resolve().parents[2] / "sample_models" / "transformer_digits.pt"
     result = runner.invoke(app, ["compress", str(sample), "--text", str(text), "--out", str(out)])
     _one_error_line(result, "--text needs a Hugging Face model folder")
     assert not out.exists()

@@ -18,7 +18,7 @@ from rankshrink.onnx.export import ExportConfig
 from rankshrink.onnx.session import run, session
 from rankshrink.pipeline.compress import compress
 from rankshrink.pipeline.config import CompressConfig
-from rankshrink.train.rare_loop import TrainConfig
+from rankshrink.train.rare_config import TrainConfig
 
 runner = CliRunner()
 

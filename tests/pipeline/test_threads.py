@@ -30,9 +30,9 @@ from rankshrink.pipeline.threads import (
     policy_threads,
     step_flops,
 )
-from rankshrink.train.rare_loop import TrainConfig
+from rankshrink.train.rare_config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "sample_models" / "mlp_digits.pt"
 TRANSFORMER = ROOT / "sample_models" / "transformer_digits.pt"
 DATA = ROOT / "sample_models" / "digits.npz"

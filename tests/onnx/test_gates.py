@@ -11,25 +11,21 @@ from torch import nn
 
 from rankshrink.errors import InputError
 from rankshrink.onnx.export import ExportConfig, export_onnx
-from rankshrink.onnx.gates import (
-    APPLIES,
-    Gate,
-    Quality,
-    Task,
-    Tolerances,
-    ends_in_sigmoid,
-    failures,
-    measure,
-    model_task,
-    quality_gates,
-    resolve_task,
-    size_gates,
-)
+from rankshrink.onnx.gates import Gate, failures, quality_gates, size_gates
 from rankshrink.onnx.provenance import (
     ForeignFileError,
     check_belongs,
     stamp_provenance,
     weights_sha256,
+)
+from rankshrink.onnx.quality import Quality, measure
+from rankshrink.onnx.task import (
+    APPLIES,
+    Task,
+    Tolerances,
+    ends_in_sigmoid,
+    model_task,
+    resolve_task,
 )
 from rankshrink.onnx.verify import verify_export, with_gates
 

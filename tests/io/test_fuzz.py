@@ -38,7 +38,7 @@ from rankshrink.io.checkpoint import load_model
 from rankshrink.io.data import load_data
 from rankshrink.pipeline.subject import load_subject
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "sample_models"
 CHECKPOINTS = {
     name: (SAMPLES / name).read_bytes() for name in ("mlp_digits.pt", "transformer_digits.pt")

@@ -212,7 +212,7 @@ def test_family_compresses_verifies_and_saves(
 ) -> None:
     """A short run: export, padding, verify and --save-pt must agree. Loose fixed fusion
     thresholds fuse enough in 20 steps (~0.92x) for the not-smaller gate; quality is not the
-    point here (tests/test_hf.py holds the folder quality run)."""
+    point here (tests/io/test_hf.py holds the folder quality run)."""
     folder, pad = folders[(model_type, kind)], _pad_id(model_type)
     tokens = _tokens(100, pad, seed=1)
     labels = {}

@@ -29,7 +29,7 @@ from rankshrink.nn.encoder import (
     encoder_spec,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "sample_models" / "transformer_digits.pt"
 DIGITS = ROOT / "sample_models" / "digits.npz"
 
@@ -307,7 +307,7 @@ def test_bad_spec_in_a_file_exits_2_naming_file_and_field(tmp_path: Path) -> Non
 
 # ---------------------------------------------------------------------------------------------
 # CLI: inspect; compress refuses bad data before any work (compression itself:
-# tests/test_transformer.py).
+# tests/methods/test_transformer.py).
 
 
 def test_inspect_lists_every_linear_layer() -> None:

@@ -27,7 +27,7 @@ from rankshrink.cli.app import app
 from rankshrink.io import outputs
 from rankshrink.io.outputs import signals_deferred, write_all
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "sample_models" / "mlp_digits.pt"
 DATA = ROOT / "sample_models" / "digits.npz"
 # What torch (its compile cache) and onnxruntime (a session-id file) keep in TMPDIR on any run.
@@ -157,7 +157,7 @@ _CTRL_C_IN_EXEC = """
 import typer
 from rich.console import Console
 
-from rankshrink.cli.app import _errors
+from rankshrink.cli.runner import errors as _errors
 
 app = typer.Typer()
 

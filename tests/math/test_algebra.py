@@ -268,7 +268,7 @@ def test_rare_gradient_in_closed_form_equals_autograd(
     """The RaRe gradient added after backward is autograd's gradient of the argmin pairs' terms,
     both from what the scoring gathered and, after a fusion made that stale, from ``W'``."""
     from rankshrink.math.rare import rare_value
-    from rankshrink.train.rare_loop import LayerRare, RareTerm
+    from rankshrink.train.rare_scan import LayerRare, RareTerm
 
     torch.manual_seed(seed)
     layer = FactorizedLinear(nn.Linear(7, 5, bias=with_bias).double(), frobenius=frobenius).double()

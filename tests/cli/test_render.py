@@ -27,17 +27,16 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from rankshrink.cli.numfmt import num
-from rankshrink.cli.render import (
-    compare_table,
-    inspect_summary,
-    inspect_table,
+from rankshrink.cli.render_compare import compare_table
+from rankshrink.cli.render_compress import (
     layer_table,
     progress_fields,
     progress_line,
     summary_table,
     training_progress,
 )
-from rankshrink.train.rare_loop import StepStats
+from rankshrink.cli.render_inspect import inspect_summary, inspect_table
+from rankshrink.train.rare_config import StepStats
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = Path(__file__).parent / "golden"
@@ -345,12 +344,13 @@ def test_accuracy_limits() -> None:
 def test_inspect_command_off_a_terminal_is_100_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from rankshrink.cli.app import _width, app
+    from rankshrink.cli.app import app
+    from rankshrink.cli.runner import width as _width
 
     monkeypatch.setattr("sys.stdout", StringIO())  # a pipe or a CI log: not a terminal
     assert _width() == WIDTH
     monkeypatch.undo()
-    sample = Path(__file__).parents[1] / "sample_models" / "transformer_digits.pt"
+    sample = Path(__file__).parents[2] / "sample_models" / "transformer_digits.pt"
     result = CliRunner().invoke(app, ["inspect", str(sample)])
     assert result.exit_code == 0, result.output
     widest = max(cell_len(line.rstrip()) for line in result.stdout.splitlines())

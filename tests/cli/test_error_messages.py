@@ -40,7 +40,7 @@ from rankshrink.nn.indexed import IndexedLinear
 from rankshrink.onnx.export import ExportConfig, export_onnx
 
 runner = CliRunner()
-SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 MODELS = {"mlp": SAMPLES / "mlp_digits.pt", "transformer": SAMPLES / "transformer_digits.pt"}
 DIGITS = SAMPLES / "digits.npz"
 

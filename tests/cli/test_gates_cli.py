@@ -15,11 +15,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from rankshrink.cli.app import app
-from rankshrink.cli.render import verdict_line, verification_lines, verification_table
+from rankshrink.cli.render_verify import verdict_line, verification_lines, verification_table
 from rankshrink.models.arch import make_checkpoint
 
 runner = CliRunner()
-SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
 MLP, TRANSFORMER = SAMPLES / "mlp_digits.pt", SAMPLES / "transformer_digits.pt"
 DIGITS = SAMPLES / "digits.npz"
 

@@ -28,7 +28,7 @@ from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.onnx.session import run, session
 from rankshrink.train.sparsity import layer_sparsity
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLP = ROOT / "sample_models" / "mlp_digits.pt"
 DIGITS = ROOT / "sample_models" / "digits.npz"
 ATOL = 1e-5  # float32 forward passes of O(1) values

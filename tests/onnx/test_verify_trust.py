@@ -26,9 +26,9 @@ from rankshrink.nn.indexed import IndexedLinear
 from rankshrink.onnx import session as session_mod
 from rankshrink.onnx import verify
 from rankshrink.onnx.export import ExportConfig, export_onnx
-from rankshrink.onnx.gates import Tolerances
 from rankshrink.onnx.graph_scan import UntrustedGraphError, scan_graph
 from rankshrink.onnx.session import session
+from rankshrink.onnx.task import Tolerances
 from rankshrink.onnx.verify import verify_export
 
 X = torch.from_numpy(np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from shared_runs import FinishedRun, quick_start_args, quick_start_commands
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_start_is_two_commands_install_then_run_and_install_then_test() -> None:

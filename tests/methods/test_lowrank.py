@@ -42,7 +42,7 @@ from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.onnx.session import run, session
 from rankshrink.train.finetune import fine_tune_plain
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MLP = ROOT / "sample_models" / "mlp_digits.pt"
 TRANSFORMER = ROOT / "sample_models" / "transformer_digits.pt"
 DIGITS = ROOT / "sample_models" / "digits.npz"

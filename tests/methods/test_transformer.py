@@ -19,7 +19,8 @@ from shared_runs import TRANSFORMER_DEFAULT, FinishedRun
 from torch import nn
 
 from rankshrink.errors import InputError, UnsupportedModelError
-from rankshrink.fold.transformer_fold import export_bytes, ffn_features, fold_transformer
+from rankshrink.fold.transformer_fold import fold_transformer
+from rankshrink.fold.transformer_plan import export_bytes, ffn_features
 from rankshrink.io.checkpoint import load_model
 from rankshrink.methods.fusion import FusionPlan, fuse_
 from rankshrink.methods.transformer_surgery import TransformerChain, factorize_transformer_
@@ -29,9 +30,10 @@ from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
 from rankshrink.nn.factorized import FactorizedLinear
 from rankshrink.nn.folded_encoder import AttentionWithOut, HeadwiseAttention, build_folded
 from rankshrink.onnx.export import ExportConfig, export_onnx
-from rankshrink.train.rare_loop import StepStats, TrainConfig, fine_tune_
+from rankshrink.train.rare_config import StepStats, TrainConfig
+from rankshrink.train.rare_loop import fine_tune_
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "sample_models" / "digits.npz"
 
 SMALL = EncoderConfig(
@@ -442,7 +444,7 @@ def test_folded_checkpoint_round_trips(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The CLI end to end on the bundled sample at the defaults: one run per session, shared by the
-# two tests below and tests/test_determinism.py (``--out t.onnx --save-pt t.pt``).
+# two tests below and tests/pipeline/test_determinism.py (``--out t.onnx --save-pt t.pt``).
 
 
 @pytest.mark.cli_run(*TRANSFORMER_DEFAULT)
