@@ -33,6 +33,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
+MLP = SAMPLES / "mlp_digits.pt"
+TRANSFORMER = SAMPLES / "transformer_digits.pt"
+DIGITS = SAMPLES / "digits.npz"
 #: Seconds a test waits for its run to end; a run at the defaults takes ~20–45 s on an idle
 #: machine, and several times that on a busy one.
 WAIT = 1200

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_runs import DIGITS, MLP
 from typer.testing import CliRunner
 
 from rankshrink.cli.app import app
@@ -28,8 +29,8 @@ from rankshrink.io import outputs
 from rankshrink.io.outputs import signals_deferred, write_all
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "sample_models" / "mlp_digits.pt"
-DATA = ROOT / "sample_models" / "digits.npz"
+MODEL = MLP
+DATA = DIGITS
 # What torch (its compile cache) and onnxruntime (a session-id file) keep in TMPDIR on any run.
 THIRD_PARTY_TMP = {f"torchinductor_{getpass.getuser()}", ".ses"}
 DEADLINE = 120.0  # seconds for any one wait; far above the ~5 s a run takes here

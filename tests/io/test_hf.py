@@ -44,13 +44,6 @@ SIZES = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second thread only waits on the other one (see rankshrink.pipeline.threads)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _save(path: Path, arch: str, seed: int = 0, **extra: int) -> Path:

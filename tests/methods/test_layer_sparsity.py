@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_runs import DIGITS, MLP
 from torch import nn
 
 from rankshrink.errors import UnsupportedModelError
@@ -28,20 +29,9 @@ from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.onnx.session import run, session
 from rankshrink.train.sparsity import layer_sparsity
 
-ROOT = Path(__file__).resolve().parents[2]
-MLP = ROOT / "sample_models" / "mlp_digits.pt"
-DIGITS = ROOT / "sample_models" / "digits.npz"
 ATOL = 1e-5  # float32 forward passes of O(1) values
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices run fastest on one thread; two threads on a busy 2-core machine turned a
-    4 ms SVD into 0.1–1.3 s. Restored afterwards so other test modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mlp(widths: list[int], act: type[nn.Module] = nn.ReLU, seed: int = 0) -> nn.Sequential:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from shared_runs import DIGITS, MLP, TRANSFORMER
 from torch import nn
 
 from rankshrink.errors import InputError
@@ -41,21 +42,6 @@ from rankshrink.nn.encoder import EncoderConfig, TokenClassifier
 from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.onnx.session import run, session
 from rankshrink.train.finetune import fine_tune_plain
-
-ROOT = Path(__file__).resolve().parents[2]
-MLP = ROOT / "sample_models" / "mlp_digits.pt"
-TRANSFORMER = ROOT / "sample_models" / "transformer_digits.pt"
-DIGITS = ROOT / "sample_models" / "digits.npz"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices run fastest on one thread; two threads on a busy 2-core machine turned a
-    4 ms SVD into 0.1–1.3 s. Restored afterwards so other test modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _noise(m: int, n: int, std: float, seed: int) -> torch.Tensor:

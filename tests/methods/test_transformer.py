@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from shared_runs import TRANSFORMER_DEFAULT, FinishedRun
+from shared_runs import DIGITS, TRANSFORMER_DEFAULT, FinishedRun
 from torch import nn
 
 from rankshrink.errors import InputError, UnsupportedModelError
@@ -32,9 +32,6 @@ from rankshrink.nn.folded_encoder import AttentionWithOut, HeadwiseAttention, bu
 from rankshrink.onnx.export import ExportConfig, export_onnx
 from rankshrink.train.rare_config import StepStats, TrainConfig
 from rankshrink.train.rare_loop import fine_tune_
-
-ROOT = Path(__file__).resolve().parents[2]
-DIGITS = ROOT / "sample_models" / "digits.npz"
 
 SMALL = EncoderConfig(
     tokens=5, token_dim=3, d_model=12, heads=3, layers=2, ffn=20, classes=4, dropout=0.0

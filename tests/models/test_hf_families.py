@@ -52,12 +52,6 @@ FAMILIES = {
 NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _save(path: Path, model_type: str, kind: str, seed: int = 0, **extra: object) -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from shared_runs import DIGITS, TRANSFORMER
 from torch import nn
 from torch.nn import functional as F
 from typer.testing import CliRunner
@@ -30,8 +31,7 @@ from rankshrink.nn.encoder import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = ROOT / "sample_models" / "transformer_digits.pt"
-DIGITS = ROOT / "sample_models" / "digits.npz"
+SAMPLE = TRANSFORMER
 
 runner = CliRunner()
 

@@ -11,15 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from shared_runs import DIGITS, MLP
 from typer.testing import CliRunner
 
 import rankshrink
 from rankshrink.cli.app import app
 from rankshrink.errors import InputError
-
-ROOT = Path(__file__).resolve().parents[2]
-MLP = ROOT / "sample_models" / "mlp_digits.pt"
-DIGITS = ROOT / "sample_models" / "digits.npz"
 
 
 def test_import_rankshrink_is_cheap_and_names_the_api() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_runs import DIGITS, MLP, TRANSFORMER
 from typer.testing import CliRunner
 
 from rankshrink.cli.app import app
@@ -20,10 +21,7 @@ from rankshrink.io.checkpoint import load_model
 from rankshrink.io.data import load_data
 from rankshrink.onnx.session import run, session
 
-ROOT = Path(__file__).resolve().parents[2]
-MLP = ROOT / "sample_models" / "mlp_digits.pt"
-TRANSFORMER = ROOT / "sample_models" / "transformer_digits.pt"
-DATA = ROOT / "sample_models" / "digits.npz"
+DATA = DIGITS
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 runner = CliRunner()

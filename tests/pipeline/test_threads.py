@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_runs import DIGITS, MLP, TRANSFORMER
 from torch import nn
 
 from rankshrink.pipeline.compress import compress
@@ -32,10 +33,8 @@ from rankshrink.pipeline.threads import (
 )
 from rankshrink.train.rare_config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "sample_models" / "mlp_digits.pt"
-TRANSFORMER = ROOT / "sample_models" / "transformer_digits.pt"
-DATA = ROOT / "sample_models" / "digits.npz"
+MODEL = MLP
+DATA = DIGITS
 
 
 # --- the decisions ---------------------------------------------------------------------------

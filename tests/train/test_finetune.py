@@ -12,16 +12,6 @@ from rankshrink.errors import TrainingDivergedError
 from rankshrink.train.finetune import MAX_BAD_STEPS, fine_tune_plain
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices run fastest on one thread; two threads on a busy 2-core machine turned a
-    4 ms SVD into 0.1–1.3 s. Restored afterwards so other test modules keep their setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _problem(seed: int = 0) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
