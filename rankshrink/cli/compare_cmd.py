@@ -13,6 +13,7 @@ from rankshrink.cli.options import Arch, Overwrite, Threads, TrustPickle, check_
 from rankshrink.cli.runner import errors, stderr_console, stdout_console
 from rankshrink.errors import InputError
 from rankshrink.io.outputs import check_outputs, write_all
+from rankshrink.pipeline.compare import DEFAULT_METHODS
 from rankshrink.pipeline.config import require
 from rankshrink.pipeline.methods import METHODS
 
@@ -29,7 +30,7 @@ def compare(
     steps: Annotated[int, typer.Option(help="Fine-tuning steps of every run.")] = 1000,
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods to run.")
-    ] = "rare,svd,rmt-svd,layer-sparsity,layer-sparsity+rmt-svd",
+    ] = ",".join(DEFAULT_METHODS),
     seed: Annotated[int, typer.Option(help="Random seed (batches, split).")] = 0,
     threads: Threads = 0,
     out_json: Annotated[

@@ -34,7 +34,7 @@ from rankshrink.pipeline.threads import choose_threads, intra_op_threads
 from rankshrink.train.rare_config import TrainConfig
 
 #: The methods run when none are named (every method, but combinations only where they helped).
-DEFAULT_METHODS = ("rare", "svd", "rmt-svd", "layer-sparsity", "layer-sparsity+rmt-svd")
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if m.in_compare)
 
 #: The batch sizes latency is measured at (one request; a throughput-sized batch).
 LATENCY_BATCHES = (1, 256)
@@ -70,11 +70,12 @@ def _runs(cfg: CompareConfig) -> list[tuple[str, float | None, MethodConfig, Tra
     base = TrainConfig(steps=cfg.steps, seed=cfg.seed)
     runs: list[tuple[str, float | None, MethodConfig, TrainConfig]] = []
     for name in cfg.methods:
-        if not METHODS[name].budgeted:
+        where = METHODS[name].budget
+        if where is None:
             runs.append((name, None, MethodConfig(name), base))
-        elif name == "svd":
+        elif where == "budget":
             runs += [(name, b, MethodConfig(name, budget=b), base) for b in cfg.budgets]
-        else:  # RaRe aims its export size at the budget
+        else:  # aims its export size at the budget
             runs += [
                 (name, b, MethodConfig(name), replace(base, target_ratio=b)) for b in cfg.budgets
             ]
