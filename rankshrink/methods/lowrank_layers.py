@@ -152,11 +152,19 @@ def plan_low_rank(
         fixed = sum(_bias_count(l) for _, l in layers)
         fixed += sum(m * n for t, (m, n) in zip(thin, shapes, strict=True) if t)
         wide = [i for i, t in enumerate(thin) if not t]
+        left = int(cfg.budget * total) - fixed
+        if not wide or left <= 0:
+            raise InputError(
+                f"svd budget {cfg.budget:g}: the layers thinner than {cfg.min_dim} (never"
+                f" truncated) and the biases already hold {fixed:,} of the {total:,} weights,"
+                f" leaving {max(left, 0):,} for the {len(wide)} others; give a larger --budget"
+                " or --rank"
+            )
         try:
             chosen = energy_ranks(
                 [svals[i] for i in wide],
                 [shapes[i] for i in wide],
-                int(cfg.budget * total) - fixed,
+                left,
                 cfg.min_rank,
             )
         except ValueError as exc:

@@ -24,9 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from torch import fx, nn
 
 from rankshrink.errors import InputError
+from rankshrink.models.graph_spec import build_graph, graph_spec
 from rankshrink.models.lowrank_spec import build_low_rank, has_low_rank, low_rank_spec
 from rankshrink.models.token_spec import build_token_encoder, token_encoder_spec
 from rankshrink.nn.encoder import TokenClassifier, build_encoder, encoder_spec
@@ -88,6 +89,14 @@ def layer_spec(module: nn.Module) -> dict[str, Any]:
         }
     if isinstance(module, nn.Flatten):
         return {"kind": "flatten", "start_dim": module.start_dim, "end_dim": module.end_dim}
+    if isinstance(module, nn.LayerNorm):
+        return {
+            "kind": "layer_norm",
+            "normalized_shape": list(module.normalized_shape),
+            "eps": float(module.eps),
+            "affine": module.elementwise_affine,
+            "bias": module.bias is not None,
+        }
     raise InputError(f"cannot describe module {type(module).__name__} in a sequential spec")
 
 
@@ -134,6 +143,17 @@ def build_layer(spec: dict[str, Any]) -> nn.Module:
             )
         if kind == "flatten":
             return nn.Flatten(int(spec.get("start_dim", 1)), int(spec.get("end_dim", -1)))
+        if kind == "layer_norm":
+            shape = spec.get("normalized_shape")
+            if not isinstance(shape, list) or not shape:
+                raise InputError(f"layer_norm normalized_shape must be a list, got {shape!r:.40}")
+            dims = [_pos_int({"dim": d}, "dim") for d in shape]
+            return nn.LayerNorm(
+                dims,
+                eps=float(spec.get("eps", 1e-5)),
+                elementwise_affine=bool(spec.get("affine", True)),
+                bias=bool(spec.get("bias", True)),
+            )
     except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError) as exc:
         # torch's C++ errors span many lines; the first names the problem
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -176,7 +196,17 @@ _BUILDERS: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
     "folded_token_classifier": build_folded,
     "token_encoder": build_token_encoder,
     "low_rank": lambda spec: build_low_rank(spec, build_model),
+    "graph": lambda spec: build_graph(spec, _build_part),
 }
+
+
+def _build_part(spec: dict[str, Any]) -> nn.Module:
+    """A submodule of a graph spec: a chain (a sequential spec) or one layer."""
+    return build_sequential(spec) if spec.get("type") == "sequential" else build_layer(spec)
+
+
+def _describe_part(module: nn.Module) -> dict[str, Any]:
+    return sequential_spec(module) if isinstance(module, nn.Sequential) else layer_spec(module)
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
@@ -210,9 +240,11 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
         return token_encoder_spec(model)
     if isinstance(model, nn.Sequential):
         return sequential_spec(model)
+    if isinstance(model, fx.GraphModule):  # a traced module, compressed chain by chain
+        return graph_spec(model, _describe_part)
     raise InputError(
         f"cannot describe a {type(model).__name__}; a checkpoint needs an nn.Sequential, a"
-        " TokenClassifier or a TokenEncoder"
+        " traced graph, a TokenClassifier or a TokenEncoder"
     )
 
 

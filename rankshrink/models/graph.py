@@ -83,6 +83,9 @@ _SCALE_FUNCTIONS = {operator.mul, operator.imul, operator.truediv, torch.mul, to
 _OTHER_METHODS = {"add", "sub", "flatten", "reshape", "view", "size", "contiguous", "softmax",
                   "log_softmax"}  # fmt: skip
 _SCALE_METHODS = {"mul", "div"}
+#: Every function and Tensor method a traced forward may call: all a saved graph may name.
+GRAPH_FUNCTIONS = (*_FUNCTIONS, *_OTHER_FUNCTIONS, *_SCALE_FUNCTIONS, getattr)
+GRAPH_METHODS = (*_METHODS, *_OTHER_METHODS, *_SCALE_METHODS)
 
 
 @dataclass
@@ -183,9 +186,9 @@ def _check_supported(gm: fx.GraphModule, node: fx.Node, name: str) -> None:
         if target in _SCALE_FUNCTIONS:
             if _tensor_operands(node) <= 1:
                 return
-            what = f"{_qualified(target)} of two tensors"
+            what = f"{qualified(target)} of two tensors"
         else:
-            what = _qualified(target)
+            what = qualified(target)
     else:  # call_method
         method = str(node.target)
         if method in _METHODS or method in _OTHER_METHODS:
@@ -206,7 +209,7 @@ def _tensor_operands(node: fx.Node) -> int:
     return len(found)
 
 
-def _qualified(target: Any) -> str:
+def qualified(target: Any) -> str:
     module = getattr(target, "__module__", None) or "torch"
     module = {"_operator": "operator", "torch._C._nn": "torch.nn.functional"}.get(module, module)
     return f"{module}.{getattr(target, '__name__', repr(target))}"

@@ -115,6 +115,7 @@ def verify_export(
     tol: Tolerances,
     task: Task | None = None,
     io: ModelIO = FEATURES,
+    weights: nn.Module | None = None,
 ) -> Verification:
     """Check a compressed ONNX file against its torch module and against the original model.
 
@@ -134,6 +135,8 @@ def verify_export(
             module the file computes); ``compressed`` is None when only the file is at hand.
         task: what the model outputs; ``None``: decided from ``original`` and ``tol.task``.
         io: how ``x`` feeds the file and the modules.
+        weights: the module whose weights the file must record as its source or its own
+            (the model as loaded, before any adapting); ``None``: ``original``.
 
     Raises:
         ForeignFileError, UntrustedGraphError: step 0 failed (exit 3).
@@ -159,7 +162,8 @@ def verify_export(
     one = tuple(torch_run(source, x_test[:2]).shape[1:])
     names = io.inputs if io.tokens else None
     width = ("hidden features" if hidden else "logits") if io.tokens else "values"
-    check_belongs(onnx_path, source, sample, one, input_names=names, output_what=width)
+    owner = source if weights is None else weights
+    check_belongs(onnx_path, owner, sample, one, input_names=names, output_what=width)
     sess = session(onnx_path)
 
     # the data's own length last; a token model is checked at half of it too

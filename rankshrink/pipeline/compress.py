@@ -17,7 +17,6 @@ from typing import Any
 from torch import nn
 
 from rankshrink import __version__
-from rankshrink.errors import UnsupportedModelError
 from rankshrink.models.arch import count_params, make_checkpoint
 from rankshrink.onnx.export import check_single_file, export_onnx
 from rankshrink.onnx.gates import size_gates
@@ -85,11 +84,6 @@ def compress_subject(
     # what the model outputs decides its quality gates; a flag that does not fit fails here
     task = subject.task(cfg.tolerances)
     check_single_file(original)  # refuse before fine-tuning, not after
-    if cfg.checkpoint and subject.family == "graph":
-        raise UnsupportedModelError(
-            f"--save-pt writes a self-describing checkpoint of sequential models and encoders;"
-            f" {type(subject.loaded.model).__name__} is a traced module: deploy the ONNX file"
-        )
     teacher = subject.teacher() if not data.has_labels or cfg.train.distill else None
     result = run_method(subject, cfg, teacher, progress, say)
     compressed = result.model.eval()
@@ -100,12 +94,14 @@ def compress_subject(
         before_path, after_path = Path(tmp, "original.onnx"), Path(tmp, "compressed.onnx")
         bytes_before = export_onnx(original, example, before_path, cfg.export, io)
         export_onnx(compressed, example, after_path, cfg.export, io)
-        # verify reads it: which weights the file came from, and its own
-        bytes_after = stamp_provenance(after_path, io.exported(original), io.exported(compressed))
+        # verify reads it: the weights the file came from (the model as loaded), and its own
+        source = subject.loaded.model
+        bytes_after = stamp_provenance(after_path, source, io.exported(compressed))
         say("verifying")
         verification = verify_export(
-            original, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, task, io
-        )
+            original, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, task, io,
+            weights=source,
+        )  # fmt: skip
         lat_before = lat_after = None
         if cfg.measure_latency:
             one = data.x_test[:1]

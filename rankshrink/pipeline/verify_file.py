@@ -37,5 +37,6 @@ def verify_file(
     ds = subject.data
     task = subject.task(tol)
     return verify_export(
-        subject.model, None, Path(onnx_path), ds.x_test, ds.y_test, tol, task, subject.io
-    )
+        subject.model, None, Path(onnx_path), ds.x_test, ds.y_test, tol, task, subject.io,
+        weights=subject.loaded.model,
+    )  # fmt: skip
