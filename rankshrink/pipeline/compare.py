@@ -150,11 +150,13 @@ def _compare(
                 "onnx_ratio": rep["onnx_ratio"],
                 "accuracy": ver["accuracy_after"],
                 "agreement": ver["agreement"],
+                "pooled_cosine": ver.get("pooled_cosine_mean"),  # token models' hidden states
                 "max_abs_diff": ver["max_abs_diff"],
                 "samples": ver["samples"],  # held-out samples: one of them is 100/n points
                 **_latencies(result.onnx, subject),
                 "seconds": seconds,
                 "passed": ver["passed"],
+                "failures": ver["failures"],
             }
         )
     return Comparison(rows, skipped)
@@ -176,6 +178,7 @@ def _original_row(subject: Subject, rep: dict[str, Any]) -> dict[str, Any]:
         "onnx_ratio": 1.0,
         "accuracy": ver["accuracy_before"],
         "agreement": 1.0 if ver["agreement"] is not None else None,
+        "pooled_cosine": 1.0 if ver.get("pooled_cosine_mean") is not None else None,
         "max_abs_diff": 0.0,
         "samples": ver["samples"],
         **_latencies(blob, subject),

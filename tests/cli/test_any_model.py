@@ -161,6 +161,9 @@ def test_compare_runs_on_a_folder(bert: tuple[Path, Path], tmp_path: Path) -> No
     rows = {row["method"]: row for row in payload["rows"]}
     assert set(rows) == {"original", "svd", "rmt-svd"}, rows
     assert rows["svd"]["onnx_ratio"] < 1.0 and rows["svd"]["latency_ms_b1"] > 0
+    # a base model has no top-1: its rows carry the pooled cosine, and so does the table
+    assert rows["original"]["pooled_cosine"] == 1.0 and rows["svd"]["pooled_cosine"] > 0.9
+    assert "pooled" in result.output and "cosine" in result.output
     assert [s["method"] for s in payload["skipped"]] == ["layer-sparsity"]
     assert "ReLU chain" in payload["skipped"][0]["reason"]
 

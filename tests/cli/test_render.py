@@ -236,10 +236,13 @@ def test_compare_table_without_labels_and_with_a_failed_run() -> None:
     for r in rows:
         r["accuracy"] = None
     rows.append({"method": "layer-sparsity", "budget": None, "error": "training diverged"})
+    rows[3].update(passed=False, failures=["gate failed: not smaller: 9 → 10 bytes"])
     text = _render(compare_table(rows, "t"))
     _fits(text)
     assert "test accuracy" not in text and "agreement" in text
     assert "layer-sparsity: training diverged" in text and "failed" in text
+    label = rows[3]["method"] + ("" if rows[3]["budget"] is None else f" ({rows[3]['budget']:g})")
+    assert f"{label} did not pass verification: gate failed: not smaller: 9 → 10 bytes" in text
 
 
 def test_progress_bar_shows_the_summary_s_size_number_and_fits() -> None:
