@@ -26,6 +26,7 @@ from rankshrink.cli.options import (
     MinAgreement,
     MinCosine,
     Overwrite,
+    Quantize,
     TaskKind,
     TaskOption,
     Threads,
@@ -171,6 +172,13 @@ def compress(
         typer.Option(help="Max abs diff allowed between the compressed torch model and its ONNX."),
     ] = 1e-4,
     exporter: Annotated[Exporter, typer.Option(help="ONNX exporter.")] = Exporter.dynamo,
+    quantize: Annotated[
+        Quantize,
+        typer.Option(
+            help="Store the compressed file's weights as int8 (per-channel, onnxruntime's"
+            " quantize_dynamic) or fp16; the stored file is verified against the original again."
+        ),
+    ] = Quantize.none,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     arch: Annotated[
         str | None, typer.Option(help="module:factory building the model for a bare state_dict.")
@@ -243,6 +251,7 @@ def compress(
             threads=threads or None,
             auto_target=target_ratio is None and not fixed_tau,
             checkpoint=bool(save_pt),
+            quantize=None if quantize == Quantize.none else quantize.value,
         )
         out_path = Path(out) if out else Path.cwd() / f"{model_path.stem}.rankshrink.onnx"
         require(out_path.suffix == ".onnx", f"--out must end in .onnx, got {out_path}")

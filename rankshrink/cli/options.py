@@ -53,6 +53,12 @@ class Exporter(StrEnum):
     torchscript = "torchscript"
 
 
+class Quantize(StrEnum):
+    none = "none"
+    int8 = "int8"
+    fp16 = "fp16"
+
+
 class TaskKind(StrEnum):
     auto = "auto"
     classifier = "classifier"

@@ -70,7 +70,7 @@ def export_onnx(
     args = io.args(example)
     axes = io.dynamic_axes()
     try:
-        with _quiet(), torch.no_grad():
+        with quiet(), torch.no_grad():
             if cfg.exporter == "dynamo":
                 dims = {i: torch.export.Dim(name) for i, name in axes.items()}
                 program = torch.onnx.export(
@@ -182,7 +182,7 @@ def onnx_size(path: Path) -> int:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Silence the exporters' progress prints, warnings and logging."""
     loggers = [
         logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")

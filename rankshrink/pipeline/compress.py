@@ -21,6 +21,7 @@ from rankshrink.models.arch import count_params, make_checkpoint
 from rankshrink.onnx.export import check_single_file, export_onnx
 from rankshrink.onnx.gates import size_gates
 from rankshrink.onnx.provenance import stamp_provenance
+from rankshrink.onnx.quantize import quantize_file
 from rankshrink.onnx.session import latency_ms, session
 from rankshrink.onnx.verify import Verification, verify_export, with_gates
 from rankshrink.pipeline.config import CompressConfig
@@ -102,6 +103,21 @@ def compress_subject(
             original, compressed, after_path, data.x_test, data.y_test, cfg.tolerances, task, io,
             weights=source,
         )  # fmt: skip
+        quantized = None
+        if cfg.quantize is not None:  # the stored precision: the file is verified again
+            say("quantizing")
+            q_path = Path(tmp, "quantized.onnx")
+            quantized = {"mode": cfg.quantize, "float_onnx_bytes": bytes_after}
+            quantize_file(after_path, q_path, cfg.quantize)
+            bytes_after = stamp_provenance(q_path, source, io.exported(compressed))
+            verification = _quantized_verification(
+                verification,
+                verify_export(
+                    original, None, q_path, data.x_test, data.y_test, cfg.tolerances, task, io,
+                    weights=source,
+                ),
+            )  # fmt: skip
+            after_path = q_path
         lat_before = lat_after = None
         if cfg.measure_latency:
             one = data.x_test[:1]
@@ -126,7 +142,10 @@ def compress_subject(
         onnx_bytes=(bytes_before, bytes_after),
         layers=result.layers,
         heads=result.heads,
-        extra={k: v for k, v in result.detail.items() if not _is_rare_only(cfg, k)},
+        extra={
+            **{k: v for k, v in result.detail.items() if not _is_rare_only(cfg, k)},
+            **({"quantize": quantized} if quantized else {}),
+        },
         verification=verification_dict(verification, result.fold_diff),
         training=training,
         latency_ms=(lat_before, lat_after),
@@ -153,6 +172,23 @@ def compress_subject(
         verification=verification,
         training=training,
         gate_failures=failures,
+    )
+
+
+def _quantized_verification(float_check: Verification, quantized: Verification) -> Verification:
+    """The quantized file's verification, with the float file's fidelity checks.
+
+    The float file must match the compressed torch model (``--export-atol``): that checks the
+    export. The quantized file cannot match it that closely by design; it is judged by the
+    quality gates against the original, and by every check that needs only the file.
+    """
+    fidelity = [f for f in float_check.failures if not f.startswith("gate failed")]
+    failures = fidelity + quantized.failures
+    return replace(
+        quantized,
+        export_max_abs_diff=float_check.export_max_abs_diff,
+        failures=failures,
+        passed=not failures,
     )
 
 

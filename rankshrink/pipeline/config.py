@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rankshrink.errors import InputError
 from rankshrink.onnx.export import EXPORTERS, ExportConfig
+from rankshrink.onnx.quantize import QUANTIZE_MODES
 from rankshrink.onnx.task import Tolerances, validate
 from rankshrink.train.rare_config import TrainConfig
 from rankshrink.train.recovery import RecoveryConfig
@@ -184,6 +185,8 @@ class CompressConfig:
     # intra-op threads (--threads); None: the thread policy's count (rankshrink.pipeline.threads)
     threads: int | None = None
     checkpoint: bool = False  # also build the compressed model's checkpoint (--save-pt)
+    # store the compressed file's weights as int8 or fp16 (rankshrink.onnx.quantize); None: float32
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
@@ -204,6 +207,10 @@ class CompressConfig:
         require(
             self.axis_policy in AXIS_POLICIES,
             f"--axis-policy must be one of {', '.join(AXIS_POLICIES)}, got {self.axis_policy!r}",
+        )
+        require(
+            self.quantize is None or self.quantize in QUANTIZE_MODES,
+            f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}",
         )
         require(
             self.threads is None or self.threads >= 0,
