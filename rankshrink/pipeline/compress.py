@@ -21,11 +21,11 @@ from rankshrink.models.arch import count_params, make_checkpoint
 from rankshrink.onnx.export import check_single_file, export_onnx
 from rankshrink.onnx.gates import size_gates
 from rankshrink.onnx.provenance import stamp_provenance
-from rankshrink.onnx.quantize import quantize_file
 from rankshrink.onnx.session import latency_ms, session
 from rankshrink.onnx.verify import Verification, verify_export, with_gates
 from rankshrink.pipeline.config import CompressConfig
 from rankshrink.pipeline.methods import method_dict, run_method, training_account
+from rankshrink.pipeline.quantize_stage import quantize_verified
 from rankshrink.pipeline.report import build_report, verification_dict
 from rankshrink.pipeline.stages import Stage
 from rankshrink.pipeline.subject import Subject, load_subject
@@ -106,18 +106,27 @@ def compress_subject(
         quantized = None
         if cfg.quantize is not None:  # the stored precision: the file is verified again
             say("quantizing")
-            q_path = Path(tmp, "quantized.onnx")
-            quantized = {"mode": cfg.quantize, "float_onnx_bytes": bytes_after}
-            quantize_file(after_path, q_path, cfg.quantize)
-            bytes_after = stamp_provenance(q_path, source, io.exported(compressed))
-            verification = _quantized_verification(
-                verification,
-                verify_export(
-                    original, None, q_path, data.x_test, data.y_test, cfg.tolerances, task, io,
+
+            def verify_stored(path: Path) -> Verification:
+                stamp_provenance(path, source, io.exported(compressed))
+                stored = verify_export(
+                    original, None, path, data.x_test, data.y_test, cfg.tolerances, task, io,
                     weights=source,
-                ),
-            )  # fmt: skip
-            after_path = q_path
+                )  # fmt: skip
+                with_size = with_gates(
+                    stored, size_gates(bytes_before, path.stat().st_size, cfg.max_bytes)
+                )
+                return _quantized_verification(verification, with_size)
+
+            stored = quantize_verified(after_path, cfg.quantize, verify_stored, data.x_test, io)
+            quantized = {
+                "mode": cfg.quantize,
+                "float_onnx_bytes": bytes_after,
+                "kept_float": stored.kept_float,
+                "tries": stored.tries,
+            }
+            after_path, verification = stored.path, stored.verification
+            bytes_after = after_path.stat().st_size
         lat_before = lat_after = None
         if cfg.measure_latency:
             one = data.x_test[:1]
@@ -125,7 +134,10 @@ def compress_subject(
             lat_after = latency_ms(session(after_path), one, io=io)
         onnx_blob = after_path.read_bytes()
 
-    verification = with_gates(verification, size_gates(bytes_before, bytes_after, cfg.max_bytes))
+    if quantized is None:  # the stored file's size gates were decided with its verification
+        verification = with_gates(
+            verification, size_gates(bytes_before, bytes_after, cfg.max_bytes)
+        )
     failures = verification.failures
     training = _training(result, bytes_after / bytes_before)
     loaded = subject.loaded

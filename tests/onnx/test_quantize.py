@@ -70,3 +70,46 @@ def test_compress_quantize_int8_writes_a_verified_smaller_file(tmp_path: Path) -
     result = runner.invoke(app, [*argv, "--quantize", "int8", "--min-agreement", "1", "-q"])
     assert result.exit_code == 3, result.output
     assert not strict.exists() and strict.with_suffix(".json").exists()
+
+
+def test_a_failing_gate_keeps_the_most_sensitive_nodes_in_float_until_it_passes(
+    tmp_path: Path,
+) -> None:
+    from rankshrink.models.io_spec import FEATURES
+    from rankshrink.onnx.quantize import weight_nodes
+    from rankshrink.onnx.verify import Verification
+    from rankshrink.pipeline.quantize_stage import quantize_verified
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    x = torch.randn(40, 16)
+    # one input feature 1000x larger (its weights 1000x smaller: the same function): the first
+    # layer's dynamically quantized input loses the other features, so that layer is the one
+    # int8 hurts most
+    x[:, 0] *= 1000.0
+    with torch.no_grad():
+        model[0].weight[:, 0] /= 1000.0
+    export_onnx(model.eval(), x[:4], tmp_path / "f.onnx", ExportConfig())
+    nodes = weight_nodes(tmp_path / "f.onnx")
+    assert len(nodes) == 3, nodes
+    want = run(session(tmp_path / "f.onnx"), x)
+
+    def diff_of(path: Path) -> float:
+        return float(np.abs(run(session(path), x) - want).max())
+
+    quantize_file(tmp_path / "f.onnx", tmp_path / "all.onnx", "int8")
+    quantize_file(tmp_path / "f.onnx", tmp_path / "k.onnx", "int8", keep_float=[nodes[0]])
+    everything, but_first = diff_of(tmp_path / "all.onnx"), diff_of(tmp_path / "k.onnx")
+    assert but_first < everything / 4, (everything, but_first)
+    limit = (everything * but_first) ** 0.5  # a stand-in gate between the two
+
+    def verify(path: Path) -> Verification:
+        diff = diff_of(path)
+        failures = [] if diff <= limit else [f"gate failed: diff {diff:.3g} > {limit:.3g}"]
+        return Verification(not failures, None, [], diff, None, None, None, len(x), failures)
+
+    stored = quantize_verified(tmp_path / "f.onnx", "int8", verify, x, FEATURES)
+    assert stored.verification.passed, stored.tries
+    assert stored.kept_float == [nodes[0]], stored.kept_float
+    assert [(t["kept_float"], t["passed"]) for t in stored.tries] == [(0, False), (1, True)]
+    assert stored.tries[0]["bytes"] < stored.tries[1]["bytes"]  # a float node costs its bytes
