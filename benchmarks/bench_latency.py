@@ -9,7 +9,7 @@ Default: compresses ``sample_models/mlp_digits.pt`` on ``sample_models/digits.np
 compressed with ``--steps`` fine-tuning steps, where per-call overhead matters less.
 
 The original is exported with ``export_onnx(original, example, path, ExportConfig())``, the same
-exporter the pipeline uses. Both files run in ``rankshrink.onnx.verify.session(path, threads=1)``; each
+exporter the pipeline uses. Both files run in ``rankshrink.onnx.session.session(path, threads=1)``; each
 batch size (1 and 256) is timed in rounds that alternate original/compressed (order flipped every
 round), and the medians of all single-call times are compared, so drift hits both equally.
 Printed: parameters and ONNX bytes before/after, latency per batch and its ratio, and
@@ -35,7 +35,7 @@ from rankshrink.io.checkpoint import load_model
 from rankshrink.io.data import load_data
 from rankshrink.models.arch import make_checkpoint
 from rankshrink.onnx.export import ExportConfig, export_onnx
-from rankshrink.onnx.verify import session
+from rankshrink.onnx.session import session
 from rankshrink.pipeline.compress import compress
 from rankshrink.pipeline.config import CompressConfig
 from rankshrink.train.rare_config import TrainConfig
