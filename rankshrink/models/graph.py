@@ -27,6 +27,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from rankshrink.errors import UnsupportedModelError
+from rankshrink.nn.indexed import IndexedLinear
 
 SUPPORTED_TEXT = (
     "Linear, elementwise activations, residual add/sub, LayerNorm, BatchNorm1d, dropout,"
@@ -39,7 +40,15 @@ CHAIN_MODULES = (
     nn.Identity, nn.Dropout, nn.BatchNorm1d,
 )  # fmt: skip
 #: Modules allowed outside chains.
-OTHER_MODULES = (nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.Flatten)
+#: (IndexedLinear: a layer rankshrink folded into index form, in a saved graph it compressed)
+OTHER_MODULES = (nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.Flatten, IndexedLinear)
+
+
+class _Tracer(fx.Tracer):
+    """torch's tracer, with rankshrink's own folded layers kept whole (their forward gathers)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, IndexedLinear) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _NotConstant(Exception):
@@ -147,7 +156,8 @@ def trace(model: nn.Module) -> TracedModel:
     """
     name = type(model).__name__
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(model).eval())
+        root = copy.deepcopy(model).eval()
+        gm = fx.GraphModule(root, _Tracer().trace(root), name)
     except Exception as exc:  # TraceError, TypeError, ...: the user's forward, not our bug
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UnsupportedModelError(

@@ -14,6 +14,7 @@ Anything else is refused in one line, like every other malformed checkpoint.
 
 from __future__ import annotations
 
+import keyword
 from collections.abc import Callable
 from typing import Any
 
@@ -37,13 +38,16 @@ def graph_spec(gm: fx.GraphModule, describe: Callable[[nn.Module], dict[str, Any
     """
     modules: dict[str, Any] = {}
     nodes: list[dict[str, Any]] = []
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    # in the module's own order, the order of its state_dict (and so of its fingerprint)
+    for name, _ in gm.named_modules():
+        if name in called:
+            modules[name] = describe(gm.get_submodule(name))
     for node in gm.graph.nodes:
         if node.op not in _OPS:
             raise InputError(f"cannot describe graph node {node.name} ({node.op})")
         target = str(node.target)
-        if node.op == "call_module":
-            modules[target] = describe(gm.get_submodule(target))
-        elif node.op == "call_function":
+        if node.op == "call_function":
             target = qualified(node.target)
             if target not in _FUNCTIONS:
                 raise InputError(f"cannot describe graph node {node.name}: it calls {target}")
@@ -83,9 +87,15 @@ def build_graph(
         made[node.name] = node
     try:
         graph.lint()
-        return fx.GraphModule(root, graph)
+        gm = fx.GraphModule(root, graph)
     except Exception as exc:  # fx raises plain RuntimeErrors and AttributeErrors
         raise InputError(f"graph spec does not form a valid graph: {str(exc)[:120]}") from None
+    # GraphModule registers submodules in call order; the spec lists them in the saved module's
+    # order, which is its state_dict's order and so its fingerprint's (rankshrink.onnx.provenance)
+    order = list(dict.fromkeys(name.split(".")[0] for name in modules))
+    ordered = {k: gm._modules[k] for k in order if k in gm._modules}
+    gm._modules = type(gm._modules)({**ordered, **gm._modules})
+    return gm
 
 
 def _node(
@@ -99,7 +109,16 @@ def _node(
     args, kwargs = _decode(entry.get("args", []), made), _decode(entry.get("kwargs", {}), made)
     if not isinstance(args, tuple) or not isinstance(kwargs, dict):
         raise InputError(f"graph spec: node {name} has malformed arguments")
+    # fx writes keyword names into the generated forward as code: identifiers only
+    bad = [k for k in kwargs if not k.isidentifier() or keyword.iskeyword(k)]
+    if bad:
+        raise InputError(f"graph spec: node {name} has keyword {bad[0]!r:.40}, not an identifier")
+    if op == "call_function" and target == "builtins.getattr" and args[1:] != ("shape",):
+        raise InputError(f"graph spec: node {name} reads an attribute other than .shape")
     if op == "placeholder":
+        # fx writes the name into the forward's signature: only a plain identifier is safe
+        if not target.isidentifier() or keyword.iskeyword(target):
+            raise InputError(f"graph spec: input name {target!r:.40} is not an identifier")
         node = graph.placeholder(target)
     elif op == "output":
         node = graph.output(args[0] if args else None)

@@ -59,6 +59,17 @@ MODULES = textwrap.dedent(
             return self.head(h + self.down(torch.relu(self.up(h))))
 
 
+    class ResGelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 128), nn.Linear(128, 32)
+            self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.norm(h + self.down(F.gelu(self.up(h)))))
+
+
     class Conv(nn.Module):
         def __init__(self):
             super().__init__()
@@ -87,7 +98,7 @@ def modules(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     x = torch.randn(300, 16)
     paths = {}
-    for name in ("Net", "ResMLP", "Conv"):
+    for name in ("Net", "ResMLP", "ResGelu", "Conv"):
         model = getattr(user_models, name)().eval()
         torch.save(model.state_dict(), root / f"{name}.pt")
         paths[name] = root / f"{name}.pt"
@@ -231,6 +242,27 @@ def test_a_residual_mlp_compresses_folds_and_verifies(
         assert result.exit_code == 0, result.output
     else:  # its factors are thinner than any layer the low-rank methods truncate
         assert result.exit_code == 3 and "not smaller" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_a_saved_graph_with_an_index_fold_and_a_layernorm_verifies_and_compresses_again(
+    modules: dict[str, Path], tmp_path: Path
+) -> None:
+    """GELU: fused rows fold with a gather (an IndexedLinear) into the residual stream; the
+    LayerNorm is registered before the chains. The saved graph must still belong to its file
+    (same fingerprint), trace again (the folded layer kept whole) and compress again."""
+    data, out, pt = str(modules["data"]), tmp_path / "g.onnx", tmp_path / "g.pt"
+    argv = ["compress", str(modules["ResGelu"]), "--data", data, "--arch", "user_models:ResGelu"]
+    result = runner.invoke(app, [*argv, "--out", str(out), "--save-pt", str(pt), *SHORT])
+    assert result.exit_code == 0, result.output
+    kinds = [layer["fold_kind"] for layer in _report(out)["layers"]]
+    assert any(k.startswith("indexed") for k in kinds), kinds
+    gates = ["--max-accuracy-drop", "100", "--min-agreement", "0"]
+    check = runner.invoke(app, ["verify", str(pt), str(out), "--data", data, *gates])
+    assert check.exit_code == 0, check.output
+    again = ["compress", str(pt), "--data", data, "--out", str(tmp_path / "again.onnx")]
+    result = runner.invoke(app, [*again, "--method", "svd", *SHORT])
+    assert result.exit_code == 0, result.output
 
 
 def test_what_a_traced_graph_cannot_do_is_one_line(

@@ -32,6 +32,17 @@ def _rebuilt(ckpt: dict) -> nn.Module:
     return model.eval()
 
 
+def test_a_loaded_graph_has_the_fingerprint_of_the_saved_one() -> None:
+    """Modules registered before the chains (the LayerNorm here) keep their place in the
+    state_dict, so a file stamped with the saved model's weights belongs to the loaded one."""
+    from rankshrink.onnx.provenance import weights_sha256
+
+    gm = trace(Residual().eval()).module
+    children = [name for name, _ in gm.named_children()]
+    assert children.index("norm") < children.index("chain0"), children
+    assert weights_sha256(_rebuilt(make_checkpoint(gm))) == weights_sha256(gm)
+
+
 def test_a_traced_graph_saves_and_loads_with_the_same_outputs() -> None:
     torch.manual_seed(0)
     gm = trace(Residual().eval()).module
@@ -58,6 +69,13 @@ def test_a_traced_graph_saves_and_loads_with_the_same_outputs() -> None:
         (lambda s: s["modules"].update({"a..b": {"kind": "relu"}}), "bad module name"),
         (lambda s: s.update(nodes=[]), "'nodes' list"),
         (lambda s: s["nodes"][4].update(name="chain0"), "unique name"),
+        # strings fx writes into the generated forward as code must be plain identifiers
+        (lambda s: s["nodes"][0].update(target="x=__import__('os').getcwd()"), "not an identifier"),
+        (lambda s: s["nodes"][6].update(kwargs={"dict": {"alpha=print(1) or 1,_x": 1}}),
+         "not an identifier"),
+        (lambda s: s["nodes"][1].update(op="call_function", target="builtins.getattr",
+                                        args={"tuple": [{"node": "x"}, "__class__"]}),
+         "other than .shape"),
     ],
 )
 def test_forged_graph_specs_are_one_line(forge: object, needle: str) -> None:
